@@ -1,0 +1,33 @@
+"""Developer sessions: `nox` runs the test suite; `nox -s lint`, `nox -s demo`."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHON = None  # the interpreter nox itself runs on: the README promises "Python >= 3.11 and pip"
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The whole test suite: unit, in-process and end-to-end over loopback."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff and mypy --strict over both packages and the tests."""
+    session.install("-e", ".[lint]")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """Start the fake upstream and the proxy on loopback and show a few calls through them."""
+    session.install(".")
+    session.run("llmproxy", "demo", *session.posargs)
