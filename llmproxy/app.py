@@ -1,0 +1,117 @@
+"""The FastAPI application: lifespan, the hot-path dispatch to the forwarder, operational routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
+
+from llmproxy import errors
+from llmproxy.config import Configuration, get_configuration
+from llmproxy.errors import ProxyError
+from llmproxy.forwarder import Forwarder, create_upstream_session, send_proxy_error
+
+NOT_READY = ProxyError(
+    503, "proxy_not_ready", "The proxy is starting or stopping; try again.", "proxy_error"
+)
+
+
+class ProxyApp(FastAPI):
+    """FastAPI app whose `/v1` requests go straight to the forwarder.
+
+    FastAPI's middleware stack, router and `Request` objects stay in place for everything else
+    (health, errors), but the hot path skips them: measured, they cost twice the forwarding.
+    """
+
+    forwarder: Forwarder | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            forwarder = self.forwarder
+            if forwarder is None:
+                await send_proxy_error(send, NOT_READY)
+            else:
+                await forwarder(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def resolve_configuration(app: FastAPI) -> Configuration:
+    """`get_configuration` as FastAPI would inject it, honouring `app.dependency_overrides`.
+
+    Resolved once at start-up rather than per request: the configuration is immutable.
+    """
+    provider: Callable[[], Configuration] = app.dependency_overrides.get(
+        get_configuration, get_configuration
+    )
+    return provider()
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    assert isinstance(app, ProxyApp)
+    configuration = resolve_configuration(app)
+    session = create_upstream_session(configuration)
+    app.forwarder = Forwarder(configuration, session)
+    try:
+        yield
+    finally:
+        app.forwarder = None
+        await session.close()
+
+
+def _error_response(error: ProxyError) -> Response:
+    return Response(error.body(), status_code=error.status, media_type="application/json")
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return _error_response(errors.NOT_FOUND)
+    if exc.status_code == 405:
+        return _error_response(errors.METHOD_NOT_ALLOWED)
+    return _error_response(ProxyError(exc.status_code, "http_error", "The request failed."))
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    return _error_response(
+        ProxyError(400, "invalid_request", "The request is not valid.", "invalid_request_error")
+    )
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    return _error_response(errors.INTERNAL_ERROR)
+
+
+def create_app() -> ProxyApp:
+    """A new proxy app; its configuration comes from `get_configuration` at start-up."""
+    app = ProxyApp(
+        title="llmproxy",
+        lifespan=_lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.add_exception_handler(HTTPException, _http_exception)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """The upstream client is ready to forward."""
+        if app.forwarder is None:
+            return _error_response(NOT_READY)
+        return Response(b'{"status":"ready"}', media_type="application/json")
+
+    return app

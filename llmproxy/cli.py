@@ -1,0 +1,111 @@
+"""`llmproxy serve` and `llmproxy demo` (also `python -m llmproxy ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from llmproxy.config import (
+    CONFIG_FILE_ENV,
+    SETTINGS,
+    Configuration,
+    ConfigurationError,
+    load_configuration,
+)
+
+EXIT_BAD_SETTING = 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (DESIGN §2), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_SETTING, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: `serve` and `demo`."""
+    parser = _OneLineParser(prog="llmproxy", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", metavar="FILE", help="TOML file of settings")
+    for setting in SETTINGS:
+        if setting.flag is not None:
+            # Strings here: the configuration module parses every source the same way, so a
+            # bad flag gets the same one-line message as a bad variable.
+            serve.add_argument(setting.flag, dest=setting.field, help=f"overrides {setting.env}")
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+
+    commands.add_parser("demo", help="run the fake upstream and the proxy, show a few calls")
+    return parser
+
+
+def given_flags(arguments: argparse.Namespace) -> dict[str, str]:
+    """The configuration flags given on the command line, keyed by Configuration field."""
+    return {
+        setting.field: value
+        for setting in SETTINGS
+        if setting.flag is not None and (value := getattr(arguments, setting.field)) is not None
+    }
+
+
+def export_flags(flags: dict[str, str], config_file: str | None) -> None:
+    """Write the given flags into the environment as LLMPROXY_* variables.
+
+    Flags win over the environment, and worker processes (`--workers N`) re-read the
+    configuration from their inherited environment, so this is how the flags reach them.
+    """
+    for setting in SETTINGS:
+        if setting.field in flags:
+            os.environ[setting.env] = flags[setting.field]
+    if config_file is not None:
+        os.environ[CONFIG_FILE_ENV] = config_file
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"llmproxy: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD_SETTING)
+
+
+def serve(configuration: Configuration, log_level: str) -> None:
+    """Run uvicorn with the server options the benchmark chose."""
+    import uvicorn  # imported here so `llmproxy --help` and bad settings answer fast
+
+    uvicorn.run(
+        "llmproxy.app:create_app",
+        factory=True,
+        host=configuration.host,
+        port=configuration.port,
+        workers=configuration.workers,
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        http="httptools",
+        log_level=log_level,
+        access_log=False,  # one log line per request is the proxy's own job
+        server_header=False,  # the upstream's Server and Date headers pass through instead
+        date_header=False,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `llmproxy` command."""
+    arguments = build_parser().parse_args(argv)
+    if arguments.command == "demo":
+        from llmproxy.demo import run_demo
+
+        raise SystemExit(run_demo())
+
+    flags = given_flags(arguments)
+    try:
+        # Validated here with the flags as the user spelled them, so errors name the flag.
+        configuration = load_configuration(os.environ, flags, arguments.config)
+    except ConfigurationError as error:
+        _fail(str(error))
+    export_flags(flags, arguments.config)
+    serve(configuration, arguments.log_level)

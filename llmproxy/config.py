@@ -1,0 +1,282 @@
+"""Configuration: one immutable object, built from CLI flags > environment > TOML file > defaults.
+
+Every setting is a row of `SETTINGS`; its parser is a pure function that raises `ValueError`
+with a message that names what is wrong but never repeats a secret. `load_configuration` turns
+that into a `ConfigurationError` naming the setting as the user spelled it (flag, variable or
+file key), which the CLI prints as one line before exiting with status 2 (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from llmproxy.headers import CLIENT_SET_REQUEST_HEADERS, HOP_BY_HOP_HEADERS
+
+CONFIG_FILE_ENV = "LLMPROXY_CONFIG"
+
+# RFC 9110 §5.1 field-name = token; §5.5 field values exclude CR, LF and NUL.
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
+
+Headers = tuple[tuple[str, str], ...]
+
+
+class ConfigurationError(Exception):
+    """A setting that cannot be used; `str()` is the one line shown to the user."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+
+
+@dataclass(frozen=True, slots=True)
+class Configuration:
+    """Everything the proxy needs to run; built once at start-up, never mutated."""
+
+    upstream_urls: tuple[str, ...] = ("https://api.openai.com/v1",)
+    default_headers: Headers = ()
+    upstream_api_key: str | None = field(default=None, repr=False)
+    connect_timeout: float = 10.0
+    read_timeout: float = 600.0
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+
+    @property
+    def upstream_url(self) -> str:
+        """The first (primary) upstream base URL."""
+        return self.upstream_urls[0]
+
+    def upstream_headers(self) -> Headers:
+        """Default headers with the API key shorthand applied: the key's `Authorization` wins."""
+        if self.upstream_api_key is None:
+            return self.default_headers
+        others = tuple((n, v) for n, v in self.default_headers if n.lower() != "authorization")
+        return (("Authorization", f"Bearer {self.upstream_api_key}"), *others)
+
+    def __repr__(self) -> str:
+        # Header values may be keys; a repr ends up in logs and tracebacks.
+        names = ", ".join(name for name, _ in self.default_headers)
+        return (
+            f"Configuration(upstream_urls={self.upstream_urls!r}, default_headers=[{names}], "
+            f"upstream_api_key={'set' if self.upstream_api_key else 'unset'}, "
+            f"connect_timeout={self.connect_timeout}, read_timeout={self.read_timeout}, "
+            f"host={self.host!r}, port={self.port}, workers={self.workers})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers: value as found (str from flags and environment; TOML types from the file) -> value.
+
+
+def parse_upstream_urls(raw: object) -> tuple[str, ...]:
+    """One base URL, or several (comma-separated, or a TOML list) for failover."""
+    if isinstance(raw, str):
+        items = [part.strip() for part in raw.split(",")]
+    elif isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        items = [item.strip() for item in raw]
+    else:
+        raise ValueError("must be a URL or a list of URLs")
+    if not items or any(not item for item in items):
+        raise ValueError("must be a non-empty URL, or URLs separated by commas")
+    return tuple(_parse_base_url(item) for item in items)
+
+
+def _parse_base_url(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError on a non-numeric or out-of-range port
+    except ValueError:
+        raise ValueError("is not a valid URL") from None
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not contain credentials; put them in LLMPROXY_DEFAULT_HEADERS")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"must not have a query or fragment, got {url!r}")
+    del port
+    return url.rstrip("/")
+
+
+def parse_default_headers(raw: object) -> Headers:
+    """A JSON object (or TOML table) of header name -> string value."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            # The message of the JSON error may quote the value, which may hold a key.
+            raise ValueError("is not valid JSON (expected an object of strings)") from None
+    if not isinstance(raw, dict):
+        raise ValueError("must be a JSON object of header name to string value")
+    seen: set[str] = set()
+    headers: list[tuple[str, str]] = []
+    for name, value in raw.items():
+        if not isinstance(name, str) or not _TOKEN.match(name):
+            raise ValueError(f"{name!r} is not a valid header name")
+        if not isinstance(value, str):
+            raise ValueError(f"the value of {name!r} must be a string")
+        if _FORBIDDEN_IN_VALUE.search(value):
+            raise ValueError(f"the value of {name!r} contains CR, LF or NUL")
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP_HEADERS or lowered in CLIENT_SET_REQUEST_HEADERS:
+            raise ValueError(f"{name!r} is hop-by-hop or set by the proxy; it cannot be a default")
+        if lowered in seen:
+            raise ValueError(f"{name!r} is given twice (header names ignore case)")
+        seen.add(lowered)
+        headers.append((name, value))
+    return tuple(headers)
+
+
+def parse_api_key(raw: object) -> str | None:
+    """The upstream API key, sent as `Authorization: Bearer <key>`; empty means unset."""
+    if not isinstance(raw, str):
+        raise ValueError("must be a string")
+    key = raw.strip()
+    if _FORBIDDEN_IN_VALUE.search(key) or " " in key:
+        raise ValueError("contains spaces, CR, LF or NUL")
+    return key or None
+
+
+def parse_timeout(raw: object) -> float:
+    """Seconds, a finite positive number."""
+    value = _parse_number(raw)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def parse_port(raw: object) -> int:
+    """A TCP port, 0 meaning any free port."""
+    value = _parse_int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be a port number from 0 to 65535, got {raw!r}")
+    return value
+
+
+def parse_workers(raw: object) -> int:
+    """How many server processes; at least one."""
+    value = _parse_int(raw)
+    if value < 1:
+        raise ValueError(f"must be a whole number of at least 1, got {raw!r}")
+    return value
+
+
+def parse_host(raw: object) -> str:
+    """The interface to listen on."""
+    if not isinstance(raw, str) or not raw.strip() or any(c.isspace() for c in raw.strip()):
+        raise ValueError(f"must be a host name or IP address, got {raw!r}")
+    return raw.strip()
+
+
+def _parse_number(raw: object) -> float:
+    if isinstance(raw, bool):
+        raise ValueError(f"must be a number, got {raw!r}")
+    if isinstance(raw, int | float):
+        return float(raw)
+    if isinstance(raw, str):
+        try:
+            return float(raw.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"must be a number, got {raw!r}")
+
+
+def _parse_int(raw: object) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lstrip("+-").isdigit():
+        return int(raw.strip())
+    raise ValueError(f"must be a whole number, got {raw!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One configuration setting and the three names users give it."""
+
+    field: str  # Configuration attribute, and the key in the TOML file
+    env: str
+    flag: str | None
+    parse: Callable[[object], Any]
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("upstream_urls", "LLMPROXY_UPSTREAM_URL", "--upstream-url", parse_upstream_urls),
+    Setting("default_headers", "LLMPROXY_DEFAULT_HEADERS", None, parse_default_headers),
+    Setting("upstream_api_key", "LLMPROXY_UPSTREAM_API_KEY", None, parse_api_key),
+    Setting("connect_timeout", "LLMPROXY_CONNECT_TIMEOUT", "--connect-timeout", parse_timeout),
+    Setting("read_timeout", "LLMPROXY_READ_TIMEOUT", "--read-timeout", parse_timeout),
+    Setting("host", "LLMPROXY_HOST", "--host", parse_host),
+    Setting("port", "LLMPROXY_PORT", "--port", parse_port),
+    Setting("workers", "LLMPROXY_WORKERS", "--workers", parse_workers),
+)
+
+# The file says `upstream_url` (as the variable does); the object holds a tuple of them.
+_FILE_KEYS = {setting.field: setting for setting in SETTINGS} | {"upstream_url": SETTINGS[0]}
+del _FILE_KEYS["upstream_urls"]
+
+
+def read_config_file(path: str) -> dict[str, object]:
+    """The TOML file's settings, keyed by Configuration field."""
+    label = f"--config {path}"
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as error:
+        raise ConfigurationError(label, f"cannot be read ({error.strerror})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigurationError(label, f"is not valid TOML ({error})") from None
+    values: dict[str, object] = {}
+    for key, value in document.items():
+        setting = _FILE_KEYS.get(key)
+        if setting is None:
+            known = ", ".join(sorted(_FILE_KEYS))
+            raise ConfigurationError(f"{key} in {path}", f"unknown setting (known: {known})")
+        values[setting.field] = (f"{key} in {path}", value)
+    return values
+
+
+def load_configuration(
+    environ: Mapping[str, str],
+    flags: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Configuration:
+    """Build the configuration; `flags` are keyed by Configuration field, as strings.
+
+    Raises ConfigurationError naming the first setting that cannot be used.
+    """
+    flags = flags or {}
+    config_file = config_file or environ.get(CONFIG_FILE_ENV) or None
+    file_values = read_config_file(config_file) if config_file else {}
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.field in flags and setting.flag is not None:
+            label, raw = setting.flag, flags[setting.field]
+        elif setting.env in environ:
+            label, raw = setting.env, environ[setting.env]
+        elif setting.field in file_values:
+            label, raw = file_values[setting.field]  # type: ignore[misc]
+        else:
+            continue
+        try:
+            values[setting.field] = setting.parse(raw)
+        except ValueError as error:
+            raise ConfigurationError(label, str(error)) from None
+    return Configuration(**values)
+
+
+def get_configuration() -> Configuration:
+    """The configuration of this process: environment, plus the file named by LLMPROXY_CONFIG.
+
+    The app obtains it through FastAPI's dependency mechanism (tests replace it with
+    `app.dependency_overrides[get_configuration]`). `llmproxy serve` exports its flags as
+    LLMPROXY_* variables first, so every worker process resolves the same configuration.
+    """
+    return load_configuration(os.environ)

@@ -1,0 +1,79 @@
+"""Header policy: which headers cross the proxy, in which direction, and who wins.
+
+Pure functions over lists of (name, value) pairs, so that Hypothesis can test them and the
+forwarder can apply them without touching I/O. Contract: DESIGN §3.2 and §4.1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+# Hop-by-hop headers describe one connection, not the message; a proxy must not forward them.
+HOP_BY_HOP_HEADERS: frozenset[str] = frozenset(
+    {
+        "connection",  # RFC 9110 §7.6.1
+        "keep-alive",  # RFC 9110 §7.6.1 (historical, RFC 2068 §19.7.1)
+        "proxy-connection",  # non-standard, sent by old clients; RFC 9110 §7.6.1 names it
+        "proxy-authenticate",  # RFC 9110 §11.7.1: applies to the next hop only
+        "proxy-authorization",  # RFC 9110 §11.7.2: applies to the next hop only
+        "te",  # RFC 9110 §10.1.4
+        "trailer",  # RFC 9110 §6.6.2
+        "transfer-encoding",  # RFC 9112 §6.1: framing of this connection
+        "upgrade",  # RFC 9110 §7.8
+    }
+)
+
+# The upstream client sets these itself from the upstream URL and the body it sends.
+CLIENT_SET_REQUEST_HEADERS: frozenset[str] = frozenset({"host", "content-length"})
+
+_HOP_BY_HOP_BYTES: frozenset[bytes] = frozenset(name.encode() for name in HOP_BY_HOP_HEADERS)
+
+
+def connection_listed_names(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """Lowercased header names listed in every `Connection` header (RFC 9110 §7.6.1)."""
+    listed: set[str] = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            listed.update(token.strip().lower() for token in value.split(","))
+    listed.discard("")
+    return frozenset(listed)
+
+
+def strip_hop_by_hop(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop hop-by-hop headers and every header named in `Connection`, keeping order."""
+    dropped = HOP_BY_HOP_HEADERS | connection_listed_names(headers)
+    return [(name, value) for name, value in headers if name.lower() not in dropped]
+
+
+def merge_upstream_headers(
+    client_headers: Sequence[tuple[str, str]],
+    default_headers: Sequence[tuple[str, str]],
+) -> list[tuple[str, str]]:
+    """Headers for the upstream request: the defaults, then the client's others in order.
+
+    Stripping happens before the merge, so a client's `Connection: authorization` removes only
+    the client's own `Authorization`; a default replaces every client value of the same name,
+    whatever its case or count (DESIGN §3.2).
+    """
+    overridden = {name.lower() for name, _ in default_headers} | CLIENT_SET_REQUEST_HEADERS
+    kept = [
+        (name, value)
+        for name, value in strip_hop_by_hop(client_headers)
+        if name.lower() not in overridden
+    ]
+    return [*default_headers, *kept]
+
+
+def filter_response_headers(
+    headers: Sequence[tuple[bytes, bytes]],
+) -> list[tuple[bytes, bytes]]:
+    """Upstream response headers for the client: everything but the hop-by-hop ones.
+
+    Works on raw bytes because that is what both the upstream client and ASGI speak, so the hot
+    path never re-encodes a header.
+    """
+    dropped = _HOP_BY_HOP_BYTES
+    for name, value in headers:
+        if name.lower() == b"connection":
+            dropped = dropped | {token.strip().lower() for token in value.split(b",")}
+    return [(name, value) for name, value in headers if name.lower() not in dropped]

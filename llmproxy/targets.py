@@ -1,0 +1,39 @@
+"""Where a client's request goes: `/v1/<rest>?<query>` -> `<upstream base>/<rest>?<query>`.
+
+Pure functions over the raw (still percent-encoded) path, so the upstream receives exactly the
+bytes the client sent, and nothing the client sends can choose another host (DESIGN §3.3).
+"""
+
+from __future__ import annotations
+
+API_PREFIX = b"/v1/"
+
+_DOT_SEGMENTS = frozenset({b".", b"..", b"%2e", b"%2e%2e", b".%2e", b"%2e."})
+
+
+def is_api_path(raw_path: bytes) -> bool:
+    """Whether the path is one the proxy forwards (under `/v1/`)."""
+    return raw_path.startswith(API_PREFIX) or raw_path == API_PREFIX[:-1]
+
+
+def has_dot_segment(raw_path: bytes) -> bool:
+    """Whether any segment is `.` or `..`, plain or percent-encoded.
+
+    An upstream (or a CDN in front of it) may normalise them and serve a path outside the base
+    URL, so such requests are refused rather than forwarded.
+    """
+    if b"." not in raw_path and b"%" not in raw_path:
+        return False
+    return any(segment.lower() in _DOT_SEGMENTS for segment in raw_path.split(b"/"))
+
+
+def upstream_target(base_url: str, raw_path: bytes, query_string: bytes) -> str:
+    """The upstream URL for an API path (callers check `is_api_path` first).
+
+    `base_url` has no trailing slash; the remainder of the path and the query are appended
+    byte for byte (they are ASCII on the wire: HTTP/1.1 request targets are).
+    """
+    rest = raw_path[len(API_PREFIX) - 1 :].decode("latin-1")
+    if query_string:
+        return f"{base_url}{rest}?{query_string.decode('latin-1')}"
+    return base_url + rest

@@ -1,0 +1,195 @@
+"""Configuration (DESIGN §2): precedence, and one clear line for every malformed setting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmproxy.config import Configuration, ConfigurationError, load_configuration
+
+SECRET = "sk-test-SECRET-never-printed"
+
+# (environment, the setting named in the error, a fragment of the message)
+MALFORMED_ENVIRONMENT = [
+    ({"LLMPROXY_UPSTREAM_URL": "ftp://example.com/v1"}, "LLMPROXY_UPSTREAM_URL", "http://"),
+    ({"LLMPROXY_UPSTREAM_URL": "not a url"}, "LLMPROXY_UPSTREAM_URL", "http://"),
+    ({"LLMPROXY_UPSTREAM_URL": "http://:80/v1"}, "LLMPROXY_UPSTREAM_URL", "with a host"),
+    ({"LLMPROXY_UPSTREAM_URL": "http://h:99999/v1"}, "LLMPROXY_UPSTREAM_URL", "not a valid URL"),
+    ({"LLMPROXY_UPSTREAM_URL": "http://h/v1?x=1"}, "LLMPROXY_UPSTREAM_URL", "query"),
+    ({"LLMPROXY_UPSTREAM_URL": "http://h/v1,"}, "LLMPROXY_UPSTREAM_URL", "non-empty"),
+    (
+        {"LLMPROXY_UPSTREAM_URL": f"http://user:{SECRET}@h/v1"},
+        "LLMPROXY_UPSTREAM_URL",
+        "credentials",
+    ),
+    ({"LLMPROXY_DEFAULT_HEADERS": "{not json"}, "LLMPROXY_DEFAULT_HEADERS", "not valid JSON"),
+    ({"LLMPROXY_DEFAULT_HEADERS": '["a"]'}, "LLMPROXY_DEFAULT_HEADERS", "JSON object"),
+    ({"LLMPROXY_DEFAULT_HEADERS": '{"X-A": 1}'}, "LLMPROXY_DEFAULT_HEADERS", "must be a string"),
+    ({"LLMPROXY_DEFAULT_HEADERS": '{"bad name": "v"}'}, "LLMPROXY_DEFAULT_HEADERS", "header name"),
+    (
+        {"LLMPROXY_DEFAULT_HEADERS": '{"X-A": "a\\r\\nInjected: 1"}'},
+        "LLMPROXY_DEFAULT_HEADERS",
+        "CR, LF",
+    ),
+    ({"LLMPROXY_DEFAULT_HEADERS": '{"Host": "h"}'}, "LLMPROXY_DEFAULT_HEADERS", "hop-by-hop"),
+    (
+        {"LLMPROXY_DEFAULT_HEADERS": '{"Connection": "close"}'},
+        "LLMPROXY_DEFAULT_HEADERS",
+        "hop-by-hop",
+    ),
+    ({"LLMPROXY_DEFAULT_HEADERS": '{"X-A": "1", "x-a": "2"}'}, "LLMPROXY_DEFAULT_HEADERS", "twice"),
+    ({"LLMPROXY_UPSTREAM_API_KEY": "two words"}, "LLMPROXY_UPSTREAM_API_KEY", "spaces"),
+    ({"LLMPROXY_CONNECT_TIMEOUT": "-1"}, "LLMPROXY_CONNECT_TIMEOUT", "positive"),
+    ({"LLMPROXY_CONNECT_TIMEOUT": "soon"}, "LLMPROXY_CONNECT_TIMEOUT", "number"),
+    ({"LLMPROXY_READ_TIMEOUT": "0"}, "LLMPROXY_READ_TIMEOUT", "positive"),
+    ({"LLMPROXY_READ_TIMEOUT": "nan"}, "LLMPROXY_READ_TIMEOUT", "positive"),
+    ({"LLMPROXY_READ_TIMEOUT": "inf"}, "LLMPROXY_READ_TIMEOUT", "positive"),
+    ({"LLMPROXY_PORT": "http"}, "LLMPROXY_PORT", "whole number"),
+    ({"LLMPROXY_PORT": "70000"}, "LLMPROXY_PORT", "65535"),
+    ({"LLMPROXY_WORKERS": "0"}, "LLMPROXY_WORKERS", "at least 1"),
+    ({"LLMPROXY_HOST": " "}, "LLMPROXY_HOST", "host"),
+]
+
+
+@pytest.mark.parametrize(("environ", "setting", "fragment"), MALFORMED_ENVIRONMENT)
+def test_each_malformed_setting_names_itself(
+    environ: dict[str, str], setting: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        load_configuration(environ)
+    message = str(raised.value)
+    assert message.startswith(f"{setting}: ")
+    assert fragment in message
+    assert "\n" not in message
+    assert SECRET not in message
+
+
+def test_defaults() -> None:
+    configuration = load_configuration({})
+    assert configuration == Configuration()
+    assert configuration.upstream_url == "https://api.openai.com/v1"
+    assert configuration.connect_timeout == 10.0
+    assert configuration.read_timeout == 600.0
+
+
+def test_environment_settings_are_parsed() -> None:
+    configuration = load_configuration(
+        {
+            "LLMPROXY_UPSTREAM_URL": "http://127.0.0.1:9000/v1/",
+            "LLMPROXY_DEFAULT_HEADERS": '{"OpenAI-Organization": "org-1", "X-Team": "a"}',
+            "LLMPROXY_UPSTREAM_API_KEY": SECRET,
+            "LLMPROXY_CONNECT_TIMEOUT": "2.5",
+            "LLMPROXY_READ_TIMEOUT": "30",
+        }
+    )
+    assert configuration.upstream_urls == ("http://127.0.0.1:9000/v1",)
+    assert configuration.connect_timeout == 2.5
+    assert configuration.read_timeout == 30.0
+    assert configuration.upstream_headers() == (
+        ("Authorization", f"Bearer {SECRET}"),
+        ("OpenAI-Organization", "org-1"),
+        ("X-Team", "a"),
+    )
+    assert SECRET not in repr(configuration)
+
+
+def test_api_key_replaces_a_default_authorization() -> None:
+    configuration = load_configuration(
+        {
+            "LLMPROXY_DEFAULT_HEADERS": '{"authorization": "Bearer old"}',
+            "LLMPROXY_UPSTREAM_API_KEY": "sk-new",
+        }
+    )
+    assert configuration.upstream_headers() == (("Authorization", "Bearer sk-new"),)
+
+
+def test_flags_beat_environment_beats_file(tmp_path: Path) -> None:
+    config_file = tmp_path / "llmproxy.toml"
+    config_file.write_text(
+        'upstream_url = "http://file/v1"\nread_timeout = 5\nconnect_timeout = 7\nport = 1234\n'
+        '[default_headers]\nX-From = "file"\n'
+    )
+    configuration = load_configuration(
+        {"LLMPROXY_READ_TIMEOUT": "6", "LLMPROXY_UPSTREAM_URL": "http://env/v1"},
+        flags={"upstream_urls": "http://flag/v1"},
+        config_file=str(config_file),
+    )
+    assert configuration.upstream_urls == ("http://flag/v1",)
+    assert configuration.read_timeout == 6.0
+    assert configuration.connect_timeout == 7.0
+    assert configuration.port == 1234
+    assert configuration.default_headers == (("X-From", "file"),)
+
+
+def test_config_file_from_environment_and_url_list(tmp_path: Path) -> None:
+    config_file = tmp_path / "llmproxy.toml"
+    config_file.write_text('upstream_url = ["http://a/v1", "http://b/v1"]\n')
+    configuration = load_configuration({"LLMPROXY_CONFIG": str(config_file)})
+    assert configuration.upstream_urls == ("http://a/v1", "http://b/v1")
+
+
+@pytest.mark.parametrize(
+    ("content", "setting", "fragment"),
+    [
+        ("read_timeout = \n", "--config", "not valid TOML"),
+        ("read_timout = 5\n", "read_timout in", "unknown setting"),
+        ("read_timeout = -5\n", "read_timeout in", "positive"),
+        ("read_timeout = true\n", "read_timeout in", "number"),
+        ("default_headers = 5\n", "default_headers in", "JSON object"),
+        ("port = 8080.5\n", "port in", "whole number"),
+    ],
+)
+def test_malformed_file_settings(tmp_path: Path, content: str, setting: str, fragment: str) -> None:
+    config_file = tmp_path / "bad.toml"
+    config_file.write_text(content)
+    with pytest.raises(ConfigurationError) as raised:
+        load_configuration({}, config_file=str(config_file))
+    assert str(raised.value).startswith(setting)
+    assert fragment in str(raised.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="cannot be read"):
+        load_configuration({}, config_file=str(tmp_path / "absent.toml"))
+
+
+def run_cli(*args: str, **environ: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPROXY_")} | environ
+    return subprocess.run(
+        [sys.executable, "-m", "llmproxy", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "environ", "expected"),
+    [
+        (
+            ["serve"],
+            {"LLMPROXY_DEFAULT_HEADERS": f'{{"Authorization": {SECRET!r}'},
+            "llmproxy: error: LLMPROXY_DEFAULT_HEADERS: is not valid JSON",
+        ),
+        (["serve", "--read-timeout", "-3"], {}, "llmproxy: error: --read-timeout: must be"),
+        (["serve", "--port", "x"], {}, "llmproxy: error: --port: must be a whole number"),
+        (["serve", "--config", "/nonexistent.toml"], {}, "llmproxy: error: --config"),
+        (["serve", "--bogus"], {}, "llmproxy: error: unrecognized arguments: --bogus"),
+    ],
+)
+def test_cli_bad_setting_is_one_line_and_exit_2(
+    args: list[str], environ: dict[str, str], expected: str
+) -> None:
+    result = run_cli(*args, **environ)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(expected)
+    assert "Traceback" not in result.stderr
+    assert SECRET not in result.stderr + result.stdout
