@@ -1,0 +1,128 @@
+"""Test helpers: real servers on free loopback ports, started and stopped on events (no sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import uvicorn
+from aiohttp import web
+from starlette.types import ASGIApp
+
+from llmproxy.app import ProxyApp, create_app
+from llmproxy.config import Configuration, get_configuration
+
+STARTUP_DEADLINE = 10.0
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (the OS picks it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def serve_asgi(app: ASGIApp, **options: Any) -> AsyncIterator[str]:
+    """Run `app` under a real uvicorn server in this event loop; yield its base URL."""
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=free_port(),
+        log_level="warning",
+        lifespan="on",
+        loop="none",
+        http="httptools",
+        server_header=False,
+        date_header=False,
+        **options,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(STARTUP_DEADLINE):
+            while not server.started:
+                if task.done():
+                    task.result()  # raises the start-up failure
+                    raise RuntimeError("uvicorn stopped before it started")
+                await asyncio.sleep(0.01)  # polling a flag with a deadline, not waiting for luck
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=STARTUP_DEADLINE)
+
+
+def proxy_app(configuration: Configuration) -> ProxyApp:
+    """The proxy app with its configuration injected the way users' tests do it."""
+    app = create_app()
+    app.dependency_overrides[get_configuration] = lambda: configuration
+    return app
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: ProxyApp) -> AsyncIterator[ProxyApp]:
+    """Run the app's start-up and shutdown around an in-process test."""
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ThrowawayUpstream:
+    """An aiohttp server on a free loopback port whose one handler each test sets."""
+
+    def __init__(self) -> None:
+        self.handler: Handler = self._not_set
+        self.requests: list[web.Request] = []
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def _not_set(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(status=599, text="no handler set")
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(request)
+        return await self.handler(request)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def raw_tcp_upstream(
+    on_connection: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """A TCP server that speaks whatever bytes `on_connection` writes (hostile upstreams)."""
+    server = await asyncio.start_server(on_connection, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), timeout=2)
+
+
+async def read_request_head(reader: asyncio.StreamReader) -> bytes:
+    """Consume one request's head (and a Content-Length body) from a raw connection."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            await reader.readexactly(int(line.split(b":", 1)[1]))
+    return head
