@@ -38,12 +38,22 @@ class ConfigurationError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Upstream:
+    """One upstream base URL and the complete set of default headers sent to it."""
+
+    base_url: str
+    headers: Headers = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Configuration:
     """Everything the proxy needs to run; built once at start-up, never mutated."""
 
     upstream_urls: tuple[str, ...] = ("https://api.openai.com/v1",)
     default_headers: Headers = ()
     upstream_api_key: str | None = field(default=None, repr=False)
+    # Extra default headers per upstream URL (TOML only), winning over `default_headers`.
+    upstream_headers_by_url: tuple[tuple[str, Headers], ...] = field(default=(), repr=False)
     connect_timeout: float = 10.0
     read_timeout: float = 600.0
     host: str = "127.0.0.1"
@@ -55,12 +65,29 @@ class Configuration:
         """The first (primary) upstream base URL."""
         return self.upstream_urls[0]
 
-    def upstream_headers(self) -> Headers:
-        """Default headers with the API key shorthand applied: the key's `Authorization` wins."""
-        if self.upstream_api_key is None:
-            return self.default_headers
-        others = tuple((n, v) for n, v in self.default_headers if n.lower() != "authorization")
-        return (("Authorization", f"Bearer {self.upstream_api_key}"), *others)
+    def upstream_headers(self, base_url: str | None = None) -> Headers:
+        """Default headers for one upstream: its own, then the API key, then the shared ones.
+
+        Earlier sources win, compared case-insensitively: an upstream's own `Authorization`
+        beats the API key shorthand, which beats an `Authorization` in `default_headers`.
+        """
+        own = dict(self.upstream_headers_by_url).get(base_url or self.upstream_url, ())
+        key = (
+            ()
+            if self.upstream_api_key is None
+            else (("Authorization", f"Bearer {self.upstream_api_key}"),)
+        )
+        merged: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for name, value in (*own, *key, *self.default_headers):
+            if name.lower() not in seen:
+                seen.add(name.lower())
+                merged.append((name, value))
+        return tuple(merged)
+
+    def upstreams(self) -> tuple[Upstream, ...]:
+        """Every upstream in failover order, with its headers."""
+        return tuple(Upstream(url, self.upstream_headers(url)) for url in self.upstream_urls)
 
     def __repr__(self) -> str:
         # Header values may be keys; a repr ends up in logs and tracebacks.
@@ -133,6 +160,19 @@ def parse_default_headers(raw: object) -> Headers:
         seen.add(lowered)
         headers.append((name, value))
     return tuple(headers)
+
+
+def parse_upstream_headers_by_url(raw: object) -> tuple[tuple[str, Headers], ...]:
+    """A TOML table of upstream URL -> table of default headers for that upstream."""
+    if not isinstance(raw, dict):
+        raise ValueError("must be a table of upstream URL -> table of headers")
+    parsed: list[tuple[str, Headers]] = []
+    for url, headers in raw.items():
+        try:
+            parsed.append((_parse_base_url(url), parse_default_headers(headers)))
+        except ValueError as error:
+            raise ValueError(f"[{url!r}] {error}") from None
+    return tuple(parsed)
 
 
 def parse_api_key(raw: object) -> str | None:
@@ -211,6 +251,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upstream_urls", "LLMPROXY_UPSTREAM_URL", "--upstream-url", parse_upstream_urls),
     Setting("default_headers", "LLMPROXY_DEFAULT_HEADERS", None, parse_default_headers),
     Setting("upstream_api_key", "LLMPROXY_UPSTREAM_API_KEY", None, parse_api_key),
+    # TOML only: per-upstream headers have no sensible one-variable spelling.
+    Setting("upstream_headers_by_url", "", None, parse_upstream_headers_by_url),
     Setting("connect_timeout", "LLMPROXY_CONNECT_TIMEOUT", "--connect-timeout", parse_timeout),
     Setting("read_timeout", "LLMPROXY_READ_TIMEOUT", "--read-timeout", parse_timeout),
     Setting("host", "LLMPROXY_HOST", "--host", parse_host),
@@ -219,8 +261,11 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 # The file says `upstream_url` (as the variable does); the object holds a tuple of them.
-_FILE_KEYS = {setting.field: setting for setting in SETTINGS} | {"upstream_url": SETTINGS[0]}
-del _FILE_KEYS["upstream_urls"]
+_FILE_KEYS = {setting.field: setting for setting in SETTINGS} | {
+    "upstream_url": SETTINGS[0],
+    "upstream_headers": next(s for s in SETTINGS if s.field == "upstream_headers_by_url"),
+}
+del _FILE_KEYS["upstream_urls"], _FILE_KEYS["upstream_headers_by_url"]
 
 
 def read_config_file(path: str) -> dict[str, object]:
@@ -259,7 +304,7 @@ def load_configuration(
     for setting in SETTINGS:
         if setting.field in flags and setting.flag is not None:
             label, raw = setting.flag, flags[setting.field]
-        elif setting.env in environ:
+        elif setting.env and setting.env in environ:
             label, raw = setting.env, environ[setting.env]
         elif setting.field in file_values:
             label, raw = file_values[setting.field]  # type: ignore[misc]
@@ -269,7 +314,12 @@ def load_configuration(
             values[setting.field] = setting.parse(raw)
         except ValueError as error:
             raise ConfigurationError(label, str(error)) from None
-    return Configuration(**values)
+    configuration = Configuration(**values)
+    for url, _ in configuration.upstream_headers_by_url:
+        if url not in configuration.upstream_urls:
+            label = file_values["upstream_headers_by_url"][0]  # type: ignore[index]
+            raise ConfigurationError(label, f"{url!r} is not one of the upstream URLs")
+    return configuration
 
 
 def get_configuration() -> Configuration:

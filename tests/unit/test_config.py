@@ -193,3 +193,38 @@ def test_cli_bad_setting_is_one_line_and_exit_2(
     assert lines[0].startswith(expected)
     assert "Traceback" not in result.stderr
     assert SECRET not in result.stderr + result.stdout
+
+
+def test_per_upstream_headers_from_the_file_win_over_shared_ones(tmp_path: Path) -> None:
+    config_file = tmp_path / "failover.toml"
+    config_file.write_text(
+        'upstream_url = ["http://a/v1", "http://b/v1/"]\n'
+        'upstream_api_key = "sk-shared"\n'
+        '[default_headers]\nX-Team = "t"\nOpenAI-Organization = "org-shared"\n'
+        '[upstream_headers."http://b/v1"]\nauthorization = "Bearer sk-b"\n'
+    )
+    configuration = load_configuration({}, config_file=str(config_file))
+    first, second = configuration.upstreams()
+    assert first.base_url == "http://a/v1"
+    assert first.headers == (
+        ("Authorization", "Bearer sk-shared"),
+        ("X-Team", "t"),
+        ("OpenAI-Organization", "org-shared"),
+    )
+    assert second.base_url == "http://b/v1"
+    assert second.headers == (
+        ("authorization", "Bearer sk-b"),
+        ("X-Team", "t"),
+        ("OpenAI-Organization", "org-shared"),
+    )
+
+
+def test_per_upstream_headers_must_name_a_configured_upstream(tmp_path: Path) -> None:
+    config_file = tmp_path / "typo.toml"
+    config_file.write_text(
+        'upstream_url = "http://a/v1"\n[upstream_headers."http://typo/v1"]\nX-A = "1"\n'
+    )
+    with pytest.raises(ConfigurationError) as raised:
+        load_configuration({}, config_file=str(config_file))
+    assert str(raised.value).startswith(f"upstream_headers in {config_file}: ")
+    assert "not one of the upstream URLs" in str(raised.value)
