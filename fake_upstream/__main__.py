@@ -1,0 +1,5 @@
+import sys
+
+from fake_upstream.cli import main
+
+sys.exit(main())

@@ -1,0 +1,159 @@
+"""The journal: what happened on the wire for each `/v1` request, readable while it happens.
+
+The server's event loop writes it and test code reads it from another thread, so every access
+holds one `threading.Condition`; waiters are woken on each change instead of polling.
+Times are `time.time()` (wall clock) so they compare with timestamps taken in other processes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+JournalSnapshot = list[dict[str, Any]]
+
+
+@dataclass(slots=True)
+class ChunkRecord:
+    index: int
+    written_at: float
+    size: int
+
+
+@dataclass(slots=True)
+class JournalEntry:
+    """One `/v1` request. Mutated only through `Journal` so waiters see each change."""
+
+    id: str
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body_sha256: str
+    received_at: float
+    script: dict[str, Any] | None = None
+    status: int | None = None
+    headers_sent_at: float | None = None
+    chunks: list[ChunkRecord] = field(default_factory=list)
+    completed: bool = False
+    disconnected: bool = False
+    disconnected_at: float | None = None
+    chunks_before_disconnect: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "headers": [[name, value] for name, value in self.headers],
+            "body_sha256": self.body_sha256,
+            "received_at": self.received_at,
+            "script": self.script,
+            "status": self.status,
+            "headers_sent_at": self.headers_sent_at,
+            "chunks": [
+                {"index": c.index, "written_at": c.written_at, "size": c.size} for c in self.chunks
+            ],
+            "completed": self.completed,
+            "disconnected": self.disconnected,
+            "disconnected_at": self.disconnected_at,
+            "chunks_before_disconnect": self.chunks_before_disconnect,
+        }
+
+
+class JournalTimeoutError(AssertionError):
+    """`Journal.wait_for` ran out of time; the message holds the journal as it was."""
+
+
+class Journal:
+    """Entries in arrival order, at most `limit` (oldest dropped) so a benchmark cannot
+    exhaust memory."""
+
+    def __init__(self, limit: int | None = 10_000) -> None:
+        self._entries: deque[JournalEntry] = deque(maxlen=limit)
+        self._changed = threading.Condition()
+
+    def open(
+        self,
+        *,
+        id: str,
+        method: str,
+        path: str,
+        query: str,
+        headers: list[tuple[str, str]],
+        body_sha256: str,
+    ) -> JournalEntry:
+        entry = JournalEntry(
+            id=id,
+            method=method,
+            path=path,
+            query=query,
+            headers=headers,
+            body_sha256=body_sha256,
+            received_at=time.time(),
+        )
+        with self._changed:
+            self._entries.append(entry)
+            self._changed.notify_all()
+        return entry
+
+    def record_script(self, entry: JournalEntry, script: dict[str, Any] | None) -> None:
+        with self._changed:
+            entry.script = script
+            self._changed.notify_all()
+
+    def record_headers_sent(self, entry: JournalEntry, status: int) -> None:
+        with self._changed:
+            entry.status = status
+            entry.headers_sent_at = time.time()
+            self._changed.notify_all()
+
+    def record_chunk(self, entry: JournalEntry, size: int) -> None:
+        with self._changed:
+            entry.chunks.append(ChunkRecord(len(entry.chunks), time.time(), size))
+            self._changed.notify_all()
+
+    def record_completed(self, entry: JournalEntry) -> None:
+        with self._changed:
+            entry.completed = True
+            self._changed.notify_all()
+
+    def record_disconnected(self, entry: JournalEntry) -> None:
+        with self._changed:
+            entry.disconnected = True
+            entry.disconnected_at = time.time()
+            entry.chunks_before_disconnect = len(entry.chunks)
+            self._changed.notify_all()
+
+    def entries(self) -> JournalSnapshot:
+        """A JSON-ready copy of every entry, oldest first."""
+        with self._changed:
+            return [entry.to_json() for entry in self._entries]
+
+    def clear(self) -> None:
+        with self._changed:
+            self._entries.clear()
+            self._changed.notify_all()
+
+    def wait_for(
+        self, predicate: Callable[[JournalSnapshot], bool], timeout: float = 5.0
+    ) -> JournalSnapshot:
+        """Block until `predicate(entries)` is true and return those entries, or raise
+        `JournalTimeoutError` after `timeout` seconds with the journal in the message."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                snapshot = [entry.to_json() for entry in self._entries]
+                if predicate(snapshot):
+                    return snapshot
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise JournalTimeoutError(
+                        f"journal condition not met within {timeout}s; journal: {snapshot!r}"
+                    )
+                self._changed.wait(remaining)
