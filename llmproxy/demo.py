@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -44,18 +45,25 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], name: str) -> None:
 
 @contextlib.contextmanager
 def _child(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(  # noqa: S603 - our own interpreter running our own packages
-        [sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
-        yield process
-    finally:
-        process.terminate()
+    """A child server whose output goes to a file (a pipe nobody reads would fill and block it),
+    shown only if the demo fails."""
+    with tempfile.TemporaryFile() as output:
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter running our own packages
+            [sys.executable, *args], env=env, stdout=output, stderr=subprocess.STDOUT
+        )
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            yield process
+        except BaseException:
+            output.seek(0)
+            sys.stderr.write(output.read().decode(errors="replace"))
+            raise
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def _show(title: str) -> None:
