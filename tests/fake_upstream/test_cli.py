@@ -1,0 +1,90 @@
+"""`python -m fake_upstream` as a user runs it, and the pytest plugin's import cost."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+
+def read_line(process: subprocess.Popen[bytes], timeout: float) -> str:
+    """The first stdout line, or fail after `timeout` seconds (readline could block forever).
+    Reads the raw fd: a buffered reader would hide data from select()."""
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    received = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while b"\n" not in received:
+            if not selector.select(max(0.0, deadline - time.monotonic())):
+                raise AssertionError(f"no line from {process.args} within {timeout}s: {received!r}")
+            data = os.read(fd, 4096)
+            if not data:
+                raise AssertionError(f"{process.args} exited early: {received!r}")
+            received += data
+    return received.decode().splitlines()[0]
+
+
+def test_serves_on_a_free_port_and_stops_on_sigint() -> None:
+    command = [sys.executable, "-m", "fake_upstream", "--port", "0", "--latency", "0"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        try:
+            line = read_line(process, timeout=20)
+            url = line.split()[3]
+            assert line.startswith("fake-upstream listening on http://127.0.0.1:")
+            assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 200
+            # The CLI serves through the reset-capable runner, so this is a real TCP reset.
+            with pytest.raises(httpx.ReadError, match="Connection reset by peer"):
+                httpx.post(
+                    f"{url}/v1/chat/completions",
+                    json={"messages": []},
+                    headers={"x-fake-scenario": "reset_mid_stream"},
+                    timeout=10,
+                )
+        except BaseException:
+            process.kill()
+            raise
+        finally:
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 0, stderr
+    assert b"Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--port", "http"], "argument --port: invalid port 'http': not an integer"),
+        (["--port", "70000"], "argument --port: invalid port 70000: must be 0-65535"),
+        (["--latency", "-1"], "argument --latency: invalid latency '-1': must be >= 0 seconds"),
+        (["--latency", "nan"], "argument --latency: invalid latency 'nan': must be >= 0 seconds"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(arguments: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fake_upstream", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+
+
+def test_pytest_plugin_imports_without_fastapi() -> None:
+    code = (
+        "import sys, fake_upstream.pytest_plugin; "
+        "heavy = {'fastapi', 'uvicorn', 'httpx', 'starlette'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
