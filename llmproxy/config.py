@@ -19,6 +19,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from llmproxy.headers import CLIENT_SET_REQUEST_HEADERS, HOP_BY_HOP_HEADERS
+from llmproxy.retry import (
+    RetryPolicy,
+    parse_max_attempts,
+    parse_retry_after_cap,
+    parse_retry_deadline,
+    parse_retry_statuses,
+)
 
 CONFIG_FILE_ENV = "LLMPROXY_CONFIG"
 
@@ -56,6 +63,11 @@ class Configuration:
     upstream_headers_by_url: tuple[tuple[str, Headers], ...] = field(default=(), repr=False)
     connect_timeout: float = 10.0
     read_timeout: float = 600.0
+    max_attempts: int = 3
+    retry_statuses: frozenset[int] = frozenset()
+    retry_deadline: float = 30.0
+    retry_after_cap: float = 20.0
+    sse_keepalive: float | None = None  # seconds of upstream silence before `: keep-alive`
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
@@ -85,6 +97,15 @@ class Configuration:
                 merged.append((name, value))
         return tuple(merged)
 
+    def retry_policy(self) -> RetryPolicy:
+        """The retry rules these settings describe (DESIGN §6)."""
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            retry_statuses=self.retry_statuses,
+            deadline=self.retry_deadline,
+            retry_after_cap=self.retry_after_cap,
+        )
+
     def upstreams(self) -> tuple[Upstream, ...]:
         """Every upstream in failover order, with its headers."""
         return tuple(Upstream(url, self.upstream_headers(url)) for url in self.upstream_urls)
@@ -96,6 +117,9 @@ class Configuration:
             f"Configuration(upstream_urls={self.upstream_urls!r}, default_headers=[{names}], "
             f"upstream_api_key={'set' if self.upstream_api_key else 'unset'}, "
             f"connect_timeout={self.connect_timeout}, read_timeout={self.read_timeout}, "
+            f"max_attempts={self.max_attempts}, retry_statuses={sorted(self.retry_statuses)}, "
+            f"retry_deadline={self.retry_deadline}, retry_after_cap={self.retry_after_cap}, "
+            f"sse_keepalive={self.sse_keepalive}, "
             f"host={self.host!r}, port={self.port}, workers={self.workers})"
         )
 
@@ -193,6 +217,15 @@ def parse_timeout(raw: object) -> float:
     return value
 
 
+def parse_keepalive(raw: object) -> float | None:
+    """Seconds of upstream silence before an SSE keep-alive comment; 0 or empty turns it off."""
+    if isinstance(raw, str) and raw.strip().lower() in ("", "0", "off"):
+        return None
+    if raw == 0:
+        return None
+    return parse_timeout(raw)
+
+
 def parse_port(raw: object) -> int:
     """A TCP port, 0 meaning any free port."""
     value = _parse_int(raw)
@@ -255,6 +288,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upstream_headers_by_url", "", None, parse_upstream_headers_by_url),
     Setting("connect_timeout", "LLMPROXY_CONNECT_TIMEOUT", "--connect-timeout", parse_timeout),
     Setting("read_timeout", "LLMPROXY_READ_TIMEOUT", "--read-timeout", parse_timeout),
+    Setting("max_attempts", "LLMPROXY_MAX_ATTEMPTS", "--max-attempts", parse_max_attempts),
+    Setting("retry_statuses", "LLMPROXY_RETRY_STATUSES", "--retry-statuses", parse_retry_statuses),
+    Setting("retry_deadline", "LLMPROXY_RETRY_DEADLINE", "--retry-deadline", parse_retry_deadline),
+    Setting(
+        "retry_after_cap", "LLMPROXY_RETRY_AFTER_CAP", "--retry-after-cap", parse_retry_after_cap
+    ),
+    Setting("sse_keepalive", "LLMPROXY_SSE_KEEPALIVE", "--sse-keepalive", parse_keepalive),
     Setting("host", "LLMPROXY_HOST", "--host", parse_host),
     Setting("port", "LLMPROXY_PORT", "--port", parse_port),
     Setting("workers", "LLMPROXY_WORKERS", "--workers", parse_workers),

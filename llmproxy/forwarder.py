@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -17,9 +19,17 @@ from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
 from llmproxy import errors
+from llmproxy.access_log import (
+    CLIENT_DISCONNECT,
+    PROXY_ERROR,
+    UPSTREAM_ERROR,
+    RequestRecord,
+    log_request,
+)
 from llmproxy.config import Configuration
 from llmproxy.errors import ProxyError
 from llmproxy.headers import filter_response_headers, merge_upstream_headers
+from llmproxy.retry import AttemptOutcome, RetryDecision, decide, next_upstream
 from llmproxy.targets import has_dot_segment, is_api_path, upstream_target
 
 logger = logging.getLogger("llmproxy")
@@ -66,55 +76,114 @@ def create_upstream_session(configuration: Configuration) -> aiohttp.ClientSessi
 
 @dataclass(slots=True)
 class _Exchange:
-    """What one request's disconnect watcher and forwarding task share."""
+    """One request as it goes: shared by the forwarding task and its disconnect watcher."""
 
+    record: RequestRecord
+    started: float  # perf_counter() when the request arrived
     response_started: bool = False
     finished: bool = False
     client_gone: bool = False
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
 
 
 class Forwarder:
     """ASGI app: forwards one request to the upstream and streams the answer back."""
 
     def __init__(self, configuration: Configuration, session: aiohttp.ClientSession) -> None:
-        self._base_url = configuration.upstream_url
-        self._default_headers = configuration.upstream_headers()
+        self._upstreams = configuration.upstreams()
+        self._policy = configuration.retry_policy()
+        self._keepalive = configuration.sse_keepalive
         self._session = session
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = _Exchange(RequestRecord(scope["method"], scope["path"]), time.perf_counter())
+        try:
+            await self._forward(scope, receive, send, exchange)
+        finally:
+            exchange.record.total_ms = exchange.elapsed_ms()
+            log_request(exchange.record)
+
+    async def _forward(
+        self, scope: Scope, receive: Receive, send: Send, exchange: _Exchange
+    ) -> None:
+        record = exchange.record
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if not is_api_path(raw_path):
-            await send_proxy_error(send, errors.NOT_FOUND)
+            await self._refuse(send, errors.NOT_FOUND, record)
             return
         if has_dot_segment(raw_path):
-            await send_proxy_error(send, errors.INVALID_PATH)
+            await self._refuse(send, errors.INVALID_PATH, record)
             return
         body = await _read_body(receive)
         if body is None:
-            return  # the client left while sending its body
-        target = upstream_target(self._base_url, raw_path, scope["query_string"])
-        headers = merge_upstream_headers(
-            [(name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]],
-            self._default_headers,
-        )
+            record.ending = CLIENT_DISCONNECT  # the client left while sending its body
+            return
+        record.bytes_in = len(body)
+        client_headers = [
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]
+        ]
 
-        exchange = _Exchange()
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.create_task(_watch_disconnect(receive, task, exchange))
         try:
-            await self._exchange(scope["method"], target, headers, body, send, exchange)
+            await self._attempts(
+                scope["method"],
+                raw_path,
+                scope["query_string"],
+                client_headers,
+                body,
+                send,
+                exchange,
+            )
         except asyncio.CancelledError:
             if not exchange.client_gone:
                 raise
-            # Our own watcher cancelled us: the client left, the upstream response is closed.
+            # Our own watcher cancelled us: the client left; leaving the `async with` of the
+            # upstream response closed its connection, so the upstream stops generating.
             task.uncancel()
-            logger.info("client disconnected: %s %s", scope["method"], scope["path"])
+            record.ending = CLIENT_DISCONNECT
         finally:
             exchange.finished = True
             watcher.cancel()
 
-    async def _exchange(
+    async def _attempts(
+        self,
+        method: str,
+        raw_path: bytes,
+        query_string: bytes,
+        client_headers: list[tuple[str, str]],
+        body: bytes,
+        send: Send,
+        exchange: _Exchange,
+    ) -> None:
+        """The loop of attempts (DESIGN §6): ask `decide`, then wait, then try the next upstream."""
+        loop_started = time.monotonic()
+        index = 0
+        attempt = 0
+        while True:
+            attempt += 1
+            exchange.record.attempts = attempt
+            upstream = self._upstreams[index]
+            decision = await self._attempt(
+                method,
+                upstream_target(upstream.base_url, raw_path, query_string),
+                merge_upstream_headers(client_headers, upstream.headers),
+                body,
+                send,
+                exchange,
+                attempt,
+                loop_started,
+            )
+            if decision is None:
+                return
+            logger.info("retrying in %.3fs: %s", decision.delay, decision.reason)
+            await asyncio.sleep(decision.delay)
+            index = next_upstream(index, len(self._upstreams))
+
+    async def _attempt(
         self,
         method: str,
         target: str,
@@ -122,7 +191,11 @@ class Forwarder:
         body: bytes,
         send: Send,
         exchange: _Exchange,
-    ) -> None:
+        attempt: int,
+        loop_started: float,
+    ) -> RetryDecision | None:
+        """One attempt: None when the exchange is over, or the decision to try again."""
+        record = exchange.record
         try:
             response_context = self._session.request(
                 method,
@@ -134,27 +207,69 @@ class Forwarder:
             # Opened and closed in this one block, so a cancellation (client gone) or an error
             # anywhere below closes the upstream connection instead of leaking it.
             async with response_context as upstream:
+                record.upstream_status = upstream.status
+                record.upstream_headers_ms = exchange.elapsed_ms()
+                if upstream.status in self._policy.retry_statuses:
+                    outcome = AttemptOutcome.response(upstream.status, upstream.headers)
+                    decision = self._decide(attempt, outcome, loop_started)
+                    if decision.retry:
+                        return decision
                 await self._relay(upstream, send, exchange)
+                return None
         except _PRE_RESPONSE_ERRORS as error:
             if exchange.response_started:
                 logger.warning("upstream failed after the response started; aborting")
-                return
-            await send_proxy_error(send, _proxy_error_for(error))
+                record.ending = UPSTREAM_ERROR
+                return None
+            connect_failed = isinstance(error, aiohttp.ClientConnectorError | ConnectionTimeout)
+            outcome = (
+                AttemptOutcome.connect_failed()
+                if connect_failed
+                else AttemptOutcome.failed_after_send()
+            )
+            decision = self._decide(attempt, outcome, loop_started)
+            if decision.retry:
+                return decision
+            await self._refuse(send, _proxy_error_for(error), record)
+            return None
+
+    def _decide(self, attempt: int, outcome: AttemptOutcome, loop_started: float) -> RetryDecision:
+        return decide(
+            self._policy,
+            attempt,
+            outcome,
+            elapsed=time.monotonic() - loop_started,
+            now=time.time(),
+            random_fraction=random.random(),  # noqa: S311 - jitter, not cryptography
+        )
 
     async def _relay(
         self, upstream: aiohttp.ClientResponse, send: Send, exchange: _Exchange
     ) -> None:
+        record = exchange.record
         response_headers = filter_response_headers(upstream.raw_headers)
         exchange.response_started = True
+        record.status = upstream.status
         await send(
             {"type": "http.response.start", "status": upstream.status, "headers": response_headers}
         )
+        content_type = upstream.headers.get("Content-Type", "")
+        is_sse = content_type.startswith("text/event-stream")
+        chunks = (
+            _WithKeepalive(upstream.content, self._keepalive)
+            if is_sse and self._keepalive is not None
+            else upstream.content.iter_any()
+        )
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in chunks:
+                if record.first_byte_ms is None:
+                    record.first_byte_ms = exchange.elapsed_ms()
+                record.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except _MID_STREAM_ERRORS:
             upstream.close()
-            if _can_append_event(upstream):
+            record.ending = UPSTREAM_ERROR
+            if is_sse and "Content-Length" not in upstream.headers:
                 exchange.finished = True
                 await send(
                     {
@@ -171,7 +286,14 @@ class Forwarder:
         exchange.finished = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    async def _refuse(self, send: Send, error: ProxyError, record: RequestRecord) -> None:
+        record.status = error.status
+        record.ending = PROXY_ERROR
+        await send_proxy_error(send, error)
 
+
+# aiohttp's connect timeout: the upstream never got the request, like a refused connection.
+ConnectionTimeout = aiohttp.ConnectionTimeoutError
 _PRE_RESPONSE_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 _MID_STREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
 
@@ -187,10 +309,40 @@ def _proxy_error_for(error: BaseException) -> ProxyError:
     return errors.UPSTREAM_BAD_RESPONSE
 
 
-def _can_append_event(upstream: aiohttp.ClientResponse) -> bool:
-    """An error event can end the stream only on SSE framed without a Content-Length."""
-    content_type = upstream.headers.get("Content-Type", "")
-    return content_type.startswith("text/event-stream") and "Content-Length" not in upstream.headers
+_KEEPALIVE_COMMENT = b": keep-alive\n\n"
+_EVENT_ENDINGS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+
+
+class _WithKeepalive:
+    """The body's chunks, with `: keep-alive` comments during silences of `interval` seconds.
+
+    A comment goes out only where an event has just ended, never inside one, so no SSE parser
+    sees a change in the events (WHATWG HTML §9.2.6: lines starting with ':' are ignored).
+    """
+
+    def __init__(self, content: aiohttp.StreamReader, interval: float) -> None:
+        self._content = content
+        self._interval = interval
+        self._at_event_boundary = True
+
+    def __aiter__(self) -> _WithKeepalive:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            try:
+                async with asyncio.timeout(self._interval):
+                    chunk = await self._content.readany()
+            except aiohttp.ServerTimeoutError:
+                raise  # the read timeout: a real failure, not a silence to fill
+            except TimeoutError:
+                if self._at_event_boundary:
+                    return _KEEPALIVE_COMMENT
+                continue
+            if not chunk:
+                raise StopAsyncIteration
+            self._at_event_boundary = chunk.endswith(_EVENT_ENDINGS)
+            return chunk
 
 
 async def _read_body(receive: Receive) -> bytes | None:
