@@ -144,12 +144,19 @@ class Journal:
         self, predicate: Callable[[JournalSnapshot], bool], timeout: float = 5.0
     ) -> JournalSnapshot:
         """Block until `predicate(entries)` is true and return those entries, or raise
-        `JournalTimeoutError` after `timeout` seconds with the journal in the message."""
+        `JournalTimeoutError` after `timeout` seconds with the journal in the message.
+
+        A predicate raising LookupError counts as false, so `lambda j: j[0]["completed"]` can
+        be written before the entry exists."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
                 snapshot = [entry.to_json() for entry in self._entries]
-                if predicate(snapshot):
+                try:
+                    satisfied = predicate(snapshot)
+                except LookupError:
+                    satisfied = False
+                if satisfied:
                     return snapshot
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

@@ -89,10 +89,19 @@ class ScriptedResponse(Response):
                     task_group.cancel_scope.cancel()
 
             task_group.start_soon(watch_for_disconnect)
-            await self._play(scope, send, client_gone)
+            unplayable = await self._play(scope, send, client_gone)
             task_group.cancel_scope.cancel()
+        if unplayable is not None:
+            # Raised outside the task group so callers see this error, not an ExceptionGroup.
+            raise ScriptedConnectionEndError(
+                f"scripted {type(unplayable).__name__.lower()}: this server does not expose its "
+                "transport; serve the app with fake_upstream.server for a real TCP reset"
+            )
 
-    async def _play(self, scope: Scope, send: Send, client_gone: anyio.Event) -> None:
+    async def _play(
+        self, scope: Scope, send: Send, client_gone: anyio.Event
+    ) -> Reset | Close | None:
+        """Play the plan; return the Reset/Close step it could not perform, if any."""
         if self._delay > 0:
             await anyio.sleep(self._delay)
         await send(
@@ -108,22 +117,20 @@ class ScriptedResponse(Response):
             elif isinstance(step, Stall):
                 await anyio.sleep_forever()
             elif isinstance(step, Reset | Close):
-                await self._end_connection(scope, step, client_gone)
-                return
+                transport = transport_of(scope)
+                if transport is None:
+                    return step
+                await self._end_connection(transport, step, client_gone)
+                return None
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         self._journal.record_completed(self._entry)
+        return None
 
     async def _end_connection(
-        self, scope: Scope, step: Reset | Close, client_gone: anyio.Event
+        self, transport: Any, step: Reset | Close, client_gone: anyio.Event
     ) -> None:
         self._ending_on_purpose = True
         self._journal.record_completed(self._entry)
-        transport = transport_of(scope)
-        if transport is None:
-            raise ScriptedConnectionEndError(
-                f"scripted {type(step).__name__.lower()}: this server does not expose its "
-                "transport; serve the app with fake_upstream.server for a real TCP reset"
-            )
         if isinstance(step, Reset):
             reset_transport(transport)
         else:

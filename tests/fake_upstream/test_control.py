@@ -12,6 +12,7 @@ import pytest
 
 from fake_upstream import FakeUpstreamServer, ScriptError, create_app
 from fake_upstream.journal import JournalTimeoutError
+from fake_upstream.responses import ScriptedConnectionEndError
 
 
 @pytest.fixture
@@ -195,6 +196,24 @@ def test_journal_over_http(http: httpx.Client, fake_upstream: FakeUpstreamServer
 def test_wait_for_journal_times_out_with_the_journal(fake_upstream: FakeUpstreamServer) -> None:
     with pytest.raises(JournalTimeoutError, match=r"within 0.05s; journal: \[\]"):
         fake_upstream.wait_for_journal(lambda j: len(j) > 0, timeout=0.05)
+
+
+def test_wait_for_journal_treats_lookup_errors_as_not_yet(
+    http: httpx.Client, fake_upstream: FakeUpstreamServer
+) -> None:
+    with pytest.raises(JournalTimeoutError):
+        fake_upstream.wait_for_journal(lambda j: j[0]["completed"], timeout=0.05)
+    http.get("/v1/models")
+    assert fake_upstream.wait_for_journal(lambda j: j[0]["completed"])[0]["status"] == 200
+
+
+async def test_reset_without_the_runner_raises_in_the_app() -> None:
+    """Served by anything but fake_upstream.server there is no transport to reset; the app
+    raises instead, which the server turns into an aborted response."""
+    transport = httpx.ASGITransport(app=create_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://fake") as client:
+        with pytest.raises(ScriptedConnectionEndError, match="serve the app with fake_upstream"):
+            await client.get("/v1/models", headers={"x-fake-script": '{"ending": "reset"}'})
 
 
 async def test_apps_do_not_share_state() -> None:
