@@ -43,7 +43,8 @@ class Target:
 
 def start_proxy(upstream_base_url: str, **settings: object) -> UvicornThread:
     """A real llmproxy server in front of `upstream_base_url` (not yet started)."""
-    configuration = Configuration(upstream_urls=(upstream_base_url,), **settings)  # type: ignore[arg-type]
+    settings.setdefault("upstream_urls", (upstream_base_url,))
+    configuration = Configuration(**settings)  # type: ignore[arg-type]
     return UvicornThread(proxy_app(configuration))
 
 
