@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from llmproxy.config import (
     CONFIG_FILE_ENV,
@@ -74,12 +75,26 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_BAD_SETTING)
 
 
+def logging_config(log_level: str) -> dict[str, Any]:
+    """uvicorn's logging setup, plus the proxy's own loggers (one line per request at INFO)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["llmproxy"] = {
+        "handlers": ["default"],
+        "level": log_level.upper(),
+        "propagate": False,
+    }
+    return config
+
+
 def serve(configuration: Configuration, log_level: str) -> None:
     """Run uvicorn with the server options the benchmark chose."""
     import uvicorn  # imported here so `llmproxy --help` and bad settings answer fast
 
     uvicorn.run(
         "llmproxy.app:create_app",
+        log_config=logging_config(log_level),
         factory=True,
         host=configuration.host,
         port=configuration.port,
