@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -13,8 +12,10 @@ import uvicorn
 from aiohttp import web
 from starlette.types import ASGIApp
 
-from llmproxy.app import ProxyApp, create_app
-from llmproxy.config import Configuration, get_configuration
+from llmproxy.app import ProxyApp
+from llmproxy.testing import proxy_app
+
+__all__ = ["proxy_app"]
 
 STARTUP_DEADLINE = 10.0
 
@@ -56,13 +57,6 @@ async def serve_asgi(app: ASGIApp, **options: Any) -> AsyncIterator[str]:
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, timeout=STARTUP_DEADLINE)
-
-
-def proxy_app(configuration: Configuration) -> ProxyApp:
-    """The proxy app with its configuration injected the way users' tests do it."""
-    app = create_app()
-    app.dependency_overrides[get_configuration] = lambda: configuration
-    return app
 
 
 @contextlib.asynccontextmanager
@@ -127,51 +121,3 @@ async def read_request_head(reader: asyncio.StreamReader) -> bytes:
         if line.lower().startswith(b"content-length:"):
             await reader.readexactly(int(line.split(b":", 1)[1]))
     return head
-
-
-class _NotifyingServer(uvicorn.Server):
-    """uvicorn.Server that signals a threading.Event once it is listening."""
-
-    def __init__(self, config: uvicorn.Config, ready: threading.Event) -> None:
-        super().__init__(config)
-        self._ready = ready
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        self._ready.set()
-
-
-class UvicornThread:
-    """A real uvicorn server running `app` in a background thread with its own event loop.
-
-    Used where the test itself blocks (the synchronous OpenAI SDK) or lives in another loop.
-    """
-
-    def __init__(self, app: ASGIApp, **options: Any) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            lifespan="on",
-            http="httptools",
-            server_header=False,
-            date_header=False,
-            **options,
-        )
-        self._ready = threading.Event()
-        self._server = _NotifyingServer(config, self._ready)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-
-    def __enter__(self) -> UvicornThread:
-        self._thread.start()
-        if not self._ready.wait(STARTUP_DEADLINE) or not self._thread.is_alive():
-            self._server.should_exit = True
-            raise RuntimeError(f"uvicorn did not start on {self.url}")
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(STARTUP_DEADLINE)

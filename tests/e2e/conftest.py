@@ -15,8 +15,8 @@ import openai
 import pytest
 
 from llmproxy.config import Configuration
+from llmproxy.testing import ProxyServer
 from tests.e2e.fake_client import FakeUpstreamClient
-from tests.support import UvicornThread, proxy_app
 
 UPSTREAM_SECRET = "sk-e2e-upstream-SECRET-value"
 E2E_DEFAULT_HEADERS = {
@@ -41,11 +41,11 @@ class Target:
         return f"{self.proxy_url}/v1"
 
 
-def start_proxy(upstream_base_url: str, **settings: object) -> UvicornThread:
+def start_proxy(upstream_base_url: str, **settings: object) -> ProxyServer:
     """A real llmproxy server in front of `upstream_base_url` (not yet started)."""
     settings.setdefault("upstream_urls", (upstream_base_url,))
     configuration = Configuration(**settings)  # type: ignore[arg-type]
-    return UvicornThread(proxy_app(configuration))
+    return ProxyServer(configuration)
 
 
 @pytest.fixture(scope="session")
