@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 logger = logging.getLogger("llmproxy.access")
@@ -25,6 +26,7 @@ class RequestRecord:
 
     method: str
     path: str
+    request_id: str = ""
     status: int | None = None
     upstream_status: int | None = None
     attempts: int = 0
@@ -43,7 +45,7 @@ def format_text(record: RequestRecord) -> str:
         return "-" if value is None else f"{value:.1f}ms"
 
     return (
-        f"{record.method} {record.path} {record.status or '-'}"
+        f"{record.request_id} {record.method} {record.path} {record.status or '-'}"
         f" upstream={record.upstream_status or '-'} attempts={record.attempts}"
         f" in={record.bytes_in}B out={record.bytes_out}B"
         f" headers={ms(record.upstream_headers_ms)} ttfb={ms(record.first_byte_ms)}"
@@ -56,7 +58,7 @@ def format_json(record: RequestRecord) -> str:
     return json.dumps(asdict(record), separators=(",", ":"))
 
 
-def log_request(record: RequestRecord) -> None:
-    """Emit the request's line at INFO (the cost is skipped when INFO is off)."""
+def log_request(record: RequestRecord, formatter: Callable[[RequestRecord], str]) -> None:
+    """Emit the request's line at INFO (the formatting is skipped when INFO is off)."""
     if logger.isEnabledFor(logging.INFO):
-        logger.info(format_text(record))
+        logger.info(formatter(record))

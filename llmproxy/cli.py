@@ -19,6 +19,7 @@ from llmproxy.config import (
 )
 
 EXIT_BAD_SETTING = 2
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -123,4 +124,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigurationError as error:
         _fail(str(error))
     export_flags(flags, arguments.config)
+    if not configuration.proxy_access_keys() and configuration.host not in LOOPBACK_HOSTS:
+        print(
+            f"llmproxy: warning: listening on {configuration.host} without access keys: anyone "
+            "who can reach it can spend the upstream key (set LLMPROXY_ACCESS_KEYS)",
+            file=sys.stderr,
+        )
     serve(configuration, arguments.log_level)

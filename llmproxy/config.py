@@ -68,6 +68,11 @@ class Configuration:
     retry_deadline: float = 30.0
     retry_after_cap: float = 20.0
     sse_keepalive: float | None = None  # seconds of upstream silence before `: keep-alive`
+    access_keys: tuple[str, ...] = field(default=(), repr=False)
+    access_keys_from_file: tuple[str, ...] = field(default=(), repr=False)
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_concurrent_requests: int | None = None  # per worker process; None = no cap
+    log_format: str = "text"
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
@@ -97,6 +102,10 @@ class Configuration:
                 merged.append((name, value))
         return tuple(merged)
 
+    def proxy_access_keys(self) -> tuple[str, ...]:
+        """Every key a client may present to use the proxy; empty means the proxy is open."""
+        return self.access_keys + self.access_keys_from_file
+
     def retry_policy(self) -> RetryPolicy:
         """The retry rules these settings describe (DESIGN §6)."""
         return RetryPolicy(
@@ -120,6 +129,10 @@ class Configuration:
             f"max_attempts={self.max_attempts}, retry_statuses={sorted(self.retry_statuses)}, "
             f"retry_deadline={self.retry_deadline}, retry_after_cap={self.retry_after_cap}, "
             f"sse_keepalive={self.sse_keepalive}, "
+            f"access_keys={len(self.proxy_access_keys())} configured, "
+            f"max_body_bytes={self.max_body_bytes}, "
+            f"max_concurrent_requests={self.max_concurrent_requests}, "
+            f"log_format={self.log_format!r}, "
             f"host={self.host!r}, port={self.port}, workers={self.workers})"
         )
 
@@ -226,6 +239,61 @@ def parse_keepalive(raw: object) -> float | None:
     return parse_timeout(raw)
 
 
+def parse_access_keys(raw: object) -> tuple[str, ...]:
+    """Proxy access keys: comma-separated, or a TOML list of strings."""
+    if isinstance(raw, str):
+        items = [part.strip() for part in raw.split(",") if part.strip()]
+    elif isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        items = [item.strip() for item in raw]
+    else:
+        raise ValueError("must be keys separated by commas, or a list of strings")
+    for number, key in enumerate(items, start=1):
+        # The value is never repeated: it is a secret.
+        if not key or any(c.isspace() or ord(c) < 0x21 or ord(c) > 0x7E for c in key):
+            raise ValueError(f"key number {number} is empty or has spaces or control characters")
+    return tuple(items)
+
+
+def parse_access_keys_file(raw: object) -> tuple[str, ...]:
+    """A file of proxy access keys, one per line; blank lines and `#` comments ignored."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError("must be the path of a file of keys, one per line")
+    try:
+        with open(raw.strip(), encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot be read ({getattr(error, 'strerror', None) or error})") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ValueError("holds no keys")
+    return parse_access_keys(keys)
+
+
+def parse_max_body_bytes(raw: object) -> int:
+    """The largest request body accepted, in bytes."""
+    value = _parse_int(raw)
+    if value < 1:
+        raise ValueError(f"must be a whole number of bytes of at least 1, got {raw!r}")
+    return value
+
+
+def parse_max_concurrent(raw: object) -> int | None:
+    """Concurrent upstream requests per worker before answering 503; 0 or empty means no cap."""
+    if isinstance(raw, str) and raw.strip() in ("", "0"):
+        return None
+    value = _parse_int(raw)
+    if value < 0:
+        raise ValueError(f"must be a whole number (0 = no cap), got {raw!r}")
+    return value or None
+
+
+def parse_log_format(raw: object) -> str:
+    """`text` (readable) or `json` (one object per line)."""
+    if not isinstance(raw, str) or raw.strip().lower() not in ("text", "json"):
+        raise ValueError(f"must be 'text' or 'json', got {raw!r}")
+    return raw.strip().lower()
+
+
 def parse_port(raw: object) -> int:
     """A TCP port, 0 meaning any free port."""
     value = _parse_int(raw)
@@ -295,6 +363,16 @@ SETTINGS: tuple[Setting, ...] = (
         "retry_after_cap", "LLMPROXY_RETRY_AFTER_CAP", "--retry-after-cap", parse_retry_after_cap
     ),
     Setting("sse_keepalive", "LLMPROXY_SSE_KEEPALIVE", "--sse-keepalive", parse_keepalive),
+    Setting("access_keys", "LLMPROXY_ACCESS_KEYS", None, parse_access_keys),
+    Setting("access_keys_from_file", "LLMPROXY_ACCESS_KEYS_FILE", None, parse_access_keys_file),
+    Setting("max_body_bytes", "LLMPROXY_MAX_BODY_BYTES", "--max-body-bytes", parse_max_body_bytes),
+    Setting(
+        "max_concurrent_requests",
+        "LLMPROXY_MAX_CONCURRENT_REQUESTS",
+        "--max-concurrent-requests",
+        parse_max_concurrent,
+    ),
+    Setting("log_format", "LLMPROXY_LOG_FORMAT", "--log-format", parse_log_format),
     Setting("host", "LLMPROXY_HOST", "--host", parse_host),
     Setting("port", "LLMPROXY_PORT", "--port", parse_port),
     Setting("workers", "LLMPROXY_WORKERS", "--workers", parse_workers),
@@ -304,12 +382,14 @@ SETTINGS: tuple[Setting, ...] = (
 _FILE_KEYS = {setting.field: setting for setting in SETTINGS} | {
     "upstream_url": SETTINGS[0],
     "upstream_headers": next(s for s in SETTINGS if s.field == "upstream_headers_by_url"),
+    "access_keys_file": next(s for s in SETTINGS if s.field == "access_keys_from_file"),
 }
 del _FILE_KEYS["upstream_urls"], _FILE_KEYS["upstream_headers_by_url"]
+del _FILE_KEYS["access_keys_from_file"]
 
 
-def read_config_file(path: str) -> dict[str, object]:
-    """The TOML file's settings, keyed by Configuration field."""
+def read_config_file(path: str) -> dict[str, tuple[str, object]]:
+    """The TOML file's settings, keyed by Configuration field: (label for errors, value)."""
     label = f"--config {path}"
     try:
         with open(path, "rb") as handle:
@@ -318,7 +398,7 @@ def read_config_file(path: str) -> dict[str, object]:
         raise ConfigurationError(label, f"cannot be read ({error.strerror})") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigurationError(label, f"is not valid TOML ({error})") from None
-    values: dict[str, object] = {}
+    values: dict[str, tuple[str, object]] = {}
     for key, value in document.items():
         setting = _FILE_KEYS.get(key)
         if setting is None:
@@ -339,15 +419,18 @@ def load_configuration(
     """
     flags = flags or {}
     config_file = config_file or environ.get(CONFIG_FILE_ENV) or None
-    file_values = read_config_file(config_file) if config_file else {}
+    file_values: dict[str, tuple[str, object]] = (
+        read_config_file(config_file) if config_file else {}
+    )
     values: dict[str, Any] = {}
     for setting in SETTINGS:
+        raw: object
         if setting.field in flags and setting.flag is not None:
             label, raw = setting.flag, flags[setting.field]
         elif setting.env and setting.env in environ:
             label, raw = setting.env, environ[setting.env]
         elif setting.field in file_values:
-            label, raw = file_values[setting.field]  # type: ignore[misc]
+            label, raw = file_values[setting.field]
         else:
             continue
         try:
@@ -355,11 +438,51 @@ def load_configuration(
         except ValueError as error:
             raise ConfigurationError(label, str(error)) from None
     configuration = Configuration(**values)
+    for url in configuration.upstream_urls:
+        if points_at_itself(url, configuration.host, configuration.port):
+            raise ConfigurationError(
+                _label_of("upstream_urls", flags, environ, file_values),
+                f"{url!r} points back at the proxy itself ({configuration.host}:"
+                f"{configuration.port}); every request would loop",
+            )
     for url, _ in configuration.upstream_headers_by_url:
         if url not in configuration.upstream_urls:
-            label = file_values["upstream_headers_by_url"][0]  # type: ignore[index]
+            label = file_values["upstream_headers_by_url"][0]
             raise ConfigurationError(label, f"{url!r} is not one of the upstream URLs")
     return configuration
+
+
+_LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0", "::"})
+
+
+def points_at_itself(url: str, host: str, port: int) -> bool:
+    """Whether an upstream URL is the proxy's own listening address (a forwarding loop)."""
+    parts = urlsplit(url)
+    upstream_port = parts.port or (443 if parts.scheme == "https" else 80)
+    if port == 0 or upstream_port != port:
+        return False
+    hostname = (parts.hostname or "").lower()
+    if hostname == host.lower():
+        return True
+    # Listening on loopback or on every interface: any loopback name reaches the proxy.
+    return hostname in _LOCAL_HOSTS and host in _LOCAL_HOSTS
+
+
+def _label_of(
+    field_name: str,
+    flags: Mapping[str, str],
+    environ: Mapping[str, str],
+    file_values: Mapping[str, tuple[str, object]],
+) -> str:
+    """How the user spelled the setting that gave `field_name` its value."""
+    setting = next(s for s in SETTINGS if s.field == field_name)
+    if field_name in flags and setting.flag is not None:
+        return setting.flag
+    if setting.env in environ:
+        return setting.env
+    if field_name in file_values:
+        return file_values[field_name][0]
+    return setting.env
 
 
 def get_configuration() -> Configuration:

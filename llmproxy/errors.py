@@ -66,6 +66,23 @@ INVALID_PATH = ProxyError(
     "The request path contains '.' or '..' segments, which the proxy does not forward.",
     "invalid_request_error",
 )
+INVALID_PROXY_KEY = ProxyError(
+    401,
+    "invalid_proxy_key",
+    "Missing or invalid proxy access key: send it as 'Authorization: Bearer <key>' or 'x-api-key'.",
+    "invalid_request_error",
+)
+REQUEST_TOO_LARGE = ProxyError(
+    413,
+    "request_too_large",
+    "The request body is larger than the proxy accepts.",
+    "invalid_request_error",
+)
+PROXY_OVERLOADED = ProxyError(
+    503,
+    "proxy_overloaded",
+    "The proxy is at its limit of concurrent requests; try again.",
+)
 INTERNAL_ERROR = ProxyError(500, "internal_error", "The proxy failed to handle the request.")
 
 # The final event of a text/event-stream whose upstream failed mid-way (DESIGN §4.4).

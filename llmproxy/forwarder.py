@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 import time
+import uuid
 from dataclasses import dataclass
 
 import aiohttp
@@ -19,11 +20,14 @@ from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
 from llmproxy import errors
+from llmproxy.access import authenticate, usable_request_id
 from llmproxy.access_log import (
     CLIENT_DISCONNECT,
     PROXY_ERROR,
     UPSTREAM_ERROR,
     RequestRecord,
+    format_json,
+    format_text,
     log_request,
 )
 from llmproxy.config import Configuration
@@ -80,6 +84,7 @@ class _Exchange:
 
     record: RequestRecord
     started: float  # perf_counter() when the request arrived
+    request_id_header: tuple[bytes, bytes] = (b"x-llmproxy-request-id", b"")
     response_started: bool = False
     finished: bool = False
     client_gone: bool = False
@@ -95,7 +100,12 @@ class Forwarder:
         self._upstreams = configuration.upstreams()
         self._policy = configuration.retry_policy()
         self._keepalive = configuration.sse_keepalive
+        self._access_keys = tuple(key.encode() for key in configuration.proxy_access_keys())
+        self._max_body_bytes = configuration.max_body_bytes
+        self._max_concurrent = configuration.max_concurrent_requests
+        self._format_log = format_json if configuration.log_format == "json" else format_text
         self._session = session
+        self.active_requests = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = _Exchange(RequestRecord(scope["method"], scope["path"]), time.perf_counter())
@@ -103,31 +113,55 @@ class Forwarder:
             await self._forward(scope, receive, send, exchange)
         finally:
             exchange.record.total_ms = exchange.elapsed_ms()
-            log_request(exchange.record)
+            log_request(exchange.record, self._format_log)
 
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, exchange: _Exchange
     ) -> None:
         record = exchange.record
+        client_headers = [
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]
+        ]
+        request_id = _request_id(client_headers)
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+            client_headers.append(("x-request-id", request_id))
+        record.request_id = request_id
+        exchange.request_id_header = (b"x-llmproxy-request-id", request_id.encode())
+
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if not is_api_path(raw_path):
-            await self._refuse(send, errors.NOT_FOUND, record)
+            await self._refuse(send, errors.NOT_FOUND, exchange)
             return
         if has_dot_segment(raw_path):
-            await self._refuse(send, errors.INVALID_PATH, record)
+            await self._refuse(send, errors.INVALID_PATH, exchange)
             return
-        body = await _read_body(receive)
+        if self._access_keys:
+            authenticated = authenticate(client_headers, self._access_keys)
+            if authenticated is None:
+                await self._refuse(send, errors.INVALID_PROXY_KEY, exchange)
+                return
+            client_headers = authenticated
+        if _declared_length(scope["headers"]) > self._max_body_bytes:
+            await self._refuse(send, errors.REQUEST_TOO_LARGE, exchange)  # before reading it
+            return
+        if self._max_concurrent is not None and self.active_requests >= self._max_concurrent:
+            await self._refuse(send, errors.PROXY_OVERLOADED, exchange)
+            return
+        try:
+            body = await _read_body(receive, self._max_body_bytes)
+        except _BodyTooLargeError:
+            await self._refuse(send, errors.REQUEST_TOO_LARGE, exchange)
+            return
         if body is None:
             record.ending = CLIENT_DISCONNECT  # the client left while sending its body
             return
         record.bytes_in = len(body)
-        client_headers = [
-            (name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]
-        ]
 
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.create_task(_watch_disconnect(receive, task, exchange))
+        self.active_requests += 1
         try:
             await self._attempts(
                 scope["method"],
@@ -146,6 +180,7 @@ class Forwarder:
             task.uncancel()
             record.ending = CLIENT_DISCONNECT
         finally:
+            self.active_requests -= 1
             exchange.finished = True
             watcher.cancel()
 
@@ -230,7 +265,7 @@ class Forwarder:
             decision = self._decide(attempt, outcome, loop_started)
             if decision.retry:
                 return decision
-            await self._refuse(send, _proxy_error_for(error), record)
+            await self._refuse(send, _proxy_error_for(error), exchange)
             return None
 
     def _decide(self, attempt: int, outcome: AttemptOutcome, loop_started: float) -> RetryDecision:
@@ -248,6 +283,7 @@ class Forwarder:
     ) -> None:
         record = exchange.record
         response_headers = filter_response_headers(upstream.raw_headers)
+        response_headers.append(exchange.request_id_header)
         exchange.response_started = True
         record.status = upstream.status
         await send(
@@ -286,10 +322,10 @@ class Forwarder:
         exchange.finished = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _refuse(self, send: Send, error: ProxyError, record: RequestRecord) -> None:
-        record.status = error.status
-        record.ending = PROXY_ERROR
-        await send_proxy_error(send, error)
+    async def _refuse(self, send: Send, error: ProxyError, exchange: _Exchange) -> None:
+        exchange.record.status = error.status
+        exchange.record.ending = PROXY_ERROR
+        await send_proxy_error(send, error, exchange.request_id_header)
 
 
 # aiohttp's connect timeout: the upstream never got the request, like a refused connection.
@@ -345,21 +381,52 @@ class _WithKeepalive:
             return chunk
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or None if the client disconnected first."""
+class _BodyTooLargeError(Exception):
+    """The request body is over the limit (raised while reading it)."""
+
+
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int:
+    """The request's Content-Length (the server has already rejected malformed ones), or 0."""
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value)
+    return 0
+
+
+def _request_id(client_headers: list[tuple[str, str]]) -> str | None:
+    for name, value in client_headers:
+        if name == "x-request-id":
+            return usable_request_id(value)
+    return None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None if the client disconnected first.
+
+    The limit also covers chunked bodies, whose size nobody declared.
+    """
     message = await receive()
     if message["type"] == "http.disconnect":
         return None
     body: bytes = message.get("body", b"")
     if not message.get("more_body", False):
+        if len(body) > limit:
+            raise _BodyTooLargeError
         return body
     parts = [body]
+    size = len(body)
     while True:
+        if size > limit:
+            raise _BodyTooLargeError
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
-        parts.append(message.get("body", b""))
+        part = message.get("body", b"")
+        parts.append(part)
+        size += len(part)
         if not message.get("more_body", False):
+            if size > limit:
+                raise _BodyTooLargeError
             return b"".join(parts)
 
 
@@ -378,9 +445,9 @@ async def _watch_disconnect(
         task.cancel()
 
 
-async def send_proxy_error(send: Send, error: ProxyError) -> None:
+async def send_proxy_error(send: Send, error: ProxyError, *extra: tuple[bytes, bytes]) -> None:
     """Answer with one of the proxy's own errors, in the OpenAI shape."""
     body = error.body()
-    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *extra]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -7,22 +7,19 @@ must watch bytes arrive over time, which needs a real server (`serve_asgi`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import hashlib
 import json
-from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import httpx
 import pytest
 from aiohttp import web
 
 from llmproxy.config import Configuration
+from tests.inprocess.conftest import ProxyFactory, echo
 from tests.support import (
     ThrowawayUpstream,
     free_port,
-    lifespan,
     proxy_app,
     raw_tcp_upstream,
     read_request_head,
@@ -30,45 +27,6 @@ from tests.support import (
 )
 
 DEFAULT_KEY = "sk-upstream-DEFAULT-secret"
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[ThrowawayUpstream]:
-    server = ThrowawayUpstream()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-ProxyFactory = Callable[..., contextlib.AbstractAsyncContextManager[httpx.AsyncClient]]
-
-
-@pytest.fixture
-def proxy() -> ProxyFactory:
-    """`async with proxy(upstream_url, **settings) as client`: an in-process proxy client."""
-
-    @contextlib.asynccontextmanager
-    async def start(upstream_url: str, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
-        configuration = Configuration(upstream_urls=(f"{upstream_url}/v1",), **settings)
-        async with lifespan(proxy_app(configuration)) as app:
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
-                yield client
-
-    return start
-
-
-async def echo(request: web.Request) -> web.Response:
-    body = await request.read()
-    return web.json_response(
-        {
-            "method": request.method,
-            "raw_path": request.raw_path,
-            "headers": [[k.decode(), v.decode()] for k, v in request.raw_headers],
-            "body_sha256": hashlib.sha256(body).hexdigest(),
-            "body_length": len(body),
-        }
-    )
 
 
 async def test_body_and_query_are_forwarded_byte_identically(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from llmproxy import cli
 from llmproxy.config import Configuration, ConfigurationError, load_configuration
 
 SECRET = "sk-test-SECRET-never-printed"
@@ -228,3 +229,80 @@ def test_per_upstream_headers_must_name_a_configured_upstream(tmp_path: Path) ->
         load_configuration({}, config_file=str(config_file))
     assert str(raised.value).startswith(f"upstream_headers in {config_file}: ")
     assert "not one of the upstream URLs" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("environ", "setting", "fragment"),
+    [
+        ({"LLMPROXY_ACCESS_KEYS": f"{SECRET}, has space"}, "LLMPROXY_ACCESS_KEYS", "key number 2"),
+        ({"LLMPROXY_ACCESS_KEYS_FILE": "/nonexistent"}, "LLMPROXY_ACCESS_KEYS_FILE", "cannot"),
+        ({"LLMPROXY_MAX_BODY_BYTES": "0"}, "LLMPROXY_MAX_BODY_BYTES", "at least 1"),
+        ({"LLMPROXY_MAX_CONCURRENT_REQUESTS": "-2"}, "LLMPROXY_MAX_CONCURRENT_REQUESTS", "whole"),
+        ({"LLMPROXY_LOG_FORMAT": "xml"}, "LLMPROXY_LOG_FORMAT", "'text' or 'json'"),
+        (
+            {"LLMPROXY_UPSTREAM_URL": "http://localhost:8080/v1"},
+            "LLMPROXY_UPSTREAM_URL",
+            "points back at the proxy itself",
+        ),
+        (
+            {"LLMPROXY_UPSTREAM_URL": "http://127.0.0.1:9000/v1", "LLMPROXY_PORT": "9000"},
+            "LLMPROXY_UPSTREAM_URL",
+            "points back at the proxy itself",
+        ),
+    ],
+)
+def test_malformed_safety_settings(environ: dict[str, str], setting: str, fragment: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        load_configuration(environ)
+    assert str(raised.value).startswith(f"{setting}: ")
+    assert fragment in str(raised.value)
+    assert SECRET not in str(raised.value)
+
+
+def test_access_keys_from_variable_and_file(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("# team keys\nkey-from-file-1\n\n  key-from-file-2  \n")
+    configuration = load_configuration(
+        {"LLMPROXY_ACCESS_KEYS": "key-a,key-b", "LLMPROXY_ACCESS_KEYS_FILE": str(keys_file)}
+    )
+    assert configuration.proxy_access_keys() == (
+        "key-a",
+        "key-b",
+        "key-from-file-1",
+        "key-from-file-2",
+    )
+    assert "key-a" not in repr(configuration)
+
+
+def test_another_port_on_loopback_is_not_a_loop() -> None:
+    configuration = load_configuration({"LLMPROXY_UPSTREAM_URL": "http://127.0.0.1:8090/v1"})
+    assert configuration.upstream_url == "http://127.0.0.1:8090/v1"
+
+
+@pytest.mark.parametrize(
+    ("args", "warned"),
+    [
+        (["--host", "0.0.0.0"], True),
+        (["--host", "127.0.0.1"], False),
+        (["--host", "0.0.0.0", "--port", "8081"], True),
+    ],
+)
+def test_serving_beyond_loopback_without_keys_warns_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    warned: bool,
+) -> None:
+    served: list[Configuration] = []
+    monkeypatch.setattr(cli, "serve", lambda configuration, log_level: served.append(configuration))
+    for name in [k for k in os.environ if k.startswith("LLMPROXY_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # export_flags writes here
+    cli.main(["serve", *args])
+    assert len(served) == 1
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    expected = [
+        "llmproxy: warning: listening on 0.0.0.0 without access keys: anyone who can reach it "
+        "can spend the upstream key (set LLMPROXY_ACCESS_KEYS)"
+    ]
+    assert warnings == (expected if warned else [])
