@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -106,6 +107,9 @@ def serve(configuration: Configuration, log_level: str) -> None:
         access_log=False,  # one log line per request is the proxy's own job
         server_header=False,  # the upstream's Server and Date headers pass through instead
         date_header=False,
+        # On SIGTERM uvicorn stops accepting, lets in-flight requests run this long, then
+        # cancels them; the forwarder ends a cancelled stream with the error event.
+        timeout_graceful_shutdown=math.ceil(configuration.drain_timeout),
     )
 
 

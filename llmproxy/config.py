@@ -73,6 +73,7 @@ class Configuration:
     max_body_bytes: int = 32 * 1024 * 1024
     max_concurrent_requests: int | None = None  # per worker process; None = no cap
     log_format: str = "text"
+    drain_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
@@ -132,7 +133,7 @@ class Configuration:
             f"access_keys={len(self.proxy_access_keys())} configured, "
             f"max_body_bytes={self.max_body_bytes}, "
             f"max_concurrent_requests={self.max_concurrent_requests}, "
-            f"log_format={self.log_format!r}, "
+            f"log_format={self.log_format!r}, drain_timeout={self.drain_timeout}, "
             f"host={self.host!r}, port={self.port}, workers={self.workers})"
         )
 
@@ -373,6 +374,7 @@ SETTINGS: tuple[Setting, ...] = (
         parse_max_concurrent,
     ),
     Setting("log_format", "LLMPROXY_LOG_FORMAT", "--log-format", parse_log_format),
+    Setting("drain_timeout", "LLMPROXY_DRAIN_TIMEOUT", "--drain-timeout", parse_timeout),
     Setting("host", "LLMPROXY_HOST", "--host", parse_host),
     Setting("port", "LLMPROXY_PORT", "--port", parse_port),
     Setting("workers", "LLMPROXY_WORKERS", "--workers", parse_workers),

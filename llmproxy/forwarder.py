@@ -9,6 +9,7 @@ messages directly: no `Request`, no `StreamingResponse`, no per-request client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -51,6 +52,11 @@ _POOL_KEEPALIVE_SECONDS = 4.0
 # so the pool never queues requests under load; the count of open sockets stays bounded.
 _POOL_MAX_CONNECTIONS = 4096
 
+_INTERRUPTED_MESSAGE: Message = {
+    "type": "http.response.body",
+    "body": errors.STREAM_INTERRUPTED_EVENT,
+    "more_body": False,
+}
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -291,6 +297,8 @@ class Forwarder:
         )
         content_type = upstream.headers.get("Content-Type", "")
         is_sse = content_type.startswith("text/event-stream")
+        # An error event can end only an SSE body whose length was not announced.
+        can_end_with_event = is_sse and "Content-Length" not in upstream.headers
         chunks = (
             _WithKeepalive(upstream.content, self._keepalive)
             if is_sse and self._keepalive is not None
@@ -302,18 +310,21 @@ class Forwarder:
                     record.first_byte_ms = exchange.elapsed_ms()
                 record.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except asyncio.CancelledError:
+            # Cancelled by the server's drain deadline on shutdown (a client disconnect needs
+            # no answer): tell the client the stream was cut rather than let it look whole.
+            if not exchange.client_gone and can_end_with_event:
+                exchange.finished = True
+                record.ending = UPSTREAM_ERROR
+                with contextlib.suppress(Exception):
+                    await send(_INTERRUPTED_MESSAGE)
+            raise
         except _MID_STREAM_ERRORS:
             upstream.close()
             record.ending = UPSTREAM_ERROR
-            if is_sse and "Content-Length" not in upstream.headers:
+            if can_end_with_event:
                 exchange.finished = True
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": errors.STREAM_INTERRUPTED_EVENT,
-                        "more_body": False,
-                    }
-                )
+                await send(_INTERRUPTED_MESSAGE)
             else:
                 # Returning without the final body message makes the server abort the
                 # connection, so the client cannot take a truncated body for a whole one.
