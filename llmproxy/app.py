@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from llmproxy import errors
+from llmproxy import errors, metrics
 from llmproxy.config import Configuration, get_configuration
 from llmproxy.errors import ProxyError
 from llmproxy.forwarder import Forwarder, create_upstream_session, send_proxy_error
@@ -106,6 +106,12 @@ def create_app() -> ProxyApp:
     async def healthz() -> dict[str, str]:
         """The process is up."""
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics, summed over worker processes."""
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/readyz")
     async def readyz() -> Response:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -19,6 +21,8 @@ from llmproxy.config import (
     load_configuration,
 )
 
+# prometheus_client's multiprocess directory (the name is the library's).
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 EXIT_BAD_SETTING = 2
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -94,23 +98,30 @@ def serve(configuration: Configuration, log_level: str) -> None:
     """Run uvicorn with the server options the benchmark chose."""
     import uvicorn  # imported here so `llmproxy --help` and bad settings answer fast
 
-    uvicorn.run(
-        "llmproxy.app:create_app",
-        log_config=logging_config(log_level),
-        factory=True,
-        host=configuration.host,
-        port=configuration.port,
-        workers=configuration.workers,
-        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools",
-        log_level=log_level,
-        access_log=False,  # one log line per request is the proxy's own job
-        server_header=False,  # the upstream's Server and Date headers pass through instead
-        date_header=False,
-        # On SIGTERM uvicorn stops accepting, lets in-flight requests run this long, then
-        # cancels them; the forwarder ends a cancelled stream with the error event.
-        timeout_graceful_shutdown=math.ceil(configuration.drain_timeout),
-    )
+    with contextlib.ExitStack() as cleanup:
+        if configuration.workers > 1 and not os.environ.get(MULTIPROCESS_ENV):
+            # Set before the workers start: each one's metrics go to files here, and /metrics
+            # in any worker sums them.
+            os.environ[MULTIPROCESS_ENV] = cleanup.enter_context(
+                tempfile.TemporaryDirectory(prefix="llmproxy-metrics-")
+            )
+        uvicorn.run(
+            "llmproxy.app:create_app",
+            log_config=logging_config(log_level),
+            factory=True,
+            host=configuration.host,
+            port=configuration.port,
+            workers=configuration.workers,
+            loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+            http="httptools",
+            log_level=log_level,
+            access_log=False,  # one log line per request is the proxy's own job
+            server_header=False,  # the upstream's Server and Date headers pass through instead
+            date_header=False,
+            # On SIGTERM uvicorn stops accepting, lets in-flight requests run this long, then
+            # cancels them; the forwarder ends a cancelled stream with the error event.
+            timeout_graceful_shutdown=math.ceil(configuration.drain_timeout),
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

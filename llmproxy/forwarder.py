@@ -20,7 +20,7 @@ import aiohttp
 from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
-from llmproxy import errors
+from llmproxy import errors, metrics
 from llmproxy.access import authenticate, usable_request_id
 from llmproxy.access_log import (
     CLIENT_DISCONNECT,
@@ -120,6 +120,7 @@ class Forwarder:
         finally:
             exchange.record.total_ms = exchange.elapsed_ms()
             log_request(exchange.record, self._format_log)
+            metrics.observe(exchange.record)
 
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, exchange: _Exchange
@@ -304,6 +305,7 @@ class Forwarder:
             if is_sse and self._keepalive is not None
             else upstream.content.iter_any()
         )
+        metrics.ACTIVE_STREAMS.inc()
         try:
             async for chunk in chunks:
                 if record.first_byte_ms is None:
@@ -330,6 +332,8 @@ class Forwarder:
                 # connection, so the client cannot take a truncated body for a whole one.
                 logger.warning("upstream failed mid-body; aborting the client connection")
             return
+        finally:
+            metrics.ACTIVE_STREAMS.dec()
         exchange.finished = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

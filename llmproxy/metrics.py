@@ -1,0 +1,72 @@
+"""Prometheus metrics (issue 5): what `/metrics` reports, fed from each request's record.
+
+With `--workers N`, `llmproxy serve` points PROMETHEUS_MULTIPROC_DIR at a fresh directory before
+the workers start, so every process writes its samples there and `/metrics` (answered by any one
+worker) adds them all up. Labels hold statuses only: nothing a client sent, nothing secret.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from llmproxy.access_log import CLIENT_DISCONNECT, RequestRecord
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Seconds: from sub-millisecond proxy work to minutes-long generations.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+REQUESTS = Counter(
+    "llmproxy_requests_total", "Requests answered, by the status sent to the client", ["status"]
+)
+UPSTREAM_HEADERS = Histogram(
+    "llmproxy_upstream_headers_seconds",
+    "Time from the request's arrival to the upstream's response headers",
+    buckets=_LATENCY_BUCKETS,
+)
+FIRST_BYTE = Histogram(
+    "llmproxy_first_byte_seconds",
+    "Time from the request's arrival to the first body byte sent to the client",
+    buckets=_LATENCY_BUCKETS,
+)
+ACTIVE_STREAMS = Gauge(
+    "llmproxy_active_streams",
+    "Responses being relayed right now",
+    multiprocess_mode="livesum",
+)
+CLIENT_DISCONNECTS = Counter(
+    "llmproxy_client_disconnects_total", "Requests whose client left before the answer ended"
+)
+RETRIES = Counter("llmproxy_retries_total", "Upstream attempts beyond the first")
+
+
+def observe(record: RequestRecord) -> None:
+    """Count one finished request."""
+    REQUESTS.labels(str(record.status or 0)).inc()
+    if record.upstream_headers_ms is not None:
+        UPSTREAM_HEADERS.observe(record.upstream_headers_ms / 1000)
+    if record.first_byte_ms is not None:
+        FIRST_BYTE.observe(record.first_byte_ms / 1000)
+    if record.ending == CLIENT_DISCONNECT:
+        CLIENT_DISCONNECTS.inc()
+    if record.attempts > 1:
+        RETRIES.inc(record.attempts - 1)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The metrics page and its content type, summed over the worker processes if several."""
+    if os.environ.get(MULTIPROCESS_ENV):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
