@@ -98,6 +98,8 @@ def serve(configuration: Configuration, log_level: str) -> None:
     """Run uvicorn with the server options the benchmark chose."""
     import uvicorn  # imported here so `llmproxy --help` and bad settings answer fast
 
+    from llmproxy.protocol import ProxyHttpProtocol
+
     with contextlib.ExitStack() as cleanup:
         if configuration.workers > 1 and not os.environ.get(MULTIPROCESS_ENV):
             # Set before the workers start: each one's metrics go to files here, and /metrics
@@ -113,7 +115,7 @@ def serve(configuration: Configuration, log_level: str) -> None:
             port=configuration.port,
             workers=configuration.workers,
             loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-            http="httptools",
+            http=ProxyHttpProtocol,  # uvicorn's httptools protocol, hardened
             log_level=log_level,
             access_log=False,  # one log line per request is the proxy's own job
             server_header=False,  # the upstream's Server and Date headers pass through instead

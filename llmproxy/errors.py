@@ -66,6 +66,12 @@ INVALID_PATH = ProxyError(
     "The request path contains '.' or '..' segments, which the proxy does not forward.",
     "invalid_request_error",
 )
+INVALID_HEADER = ProxyError(
+    400,
+    "invalid_header",
+    "A request header is not valid UTF-8, so it cannot be forwarded unchanged.",
+    "invalid_request_error",
+)
 INVALID_PROXY_KEY = ProxyError(
     401,
     "invalid_proxy_key",

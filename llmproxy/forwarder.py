@@ -33,7 +33,7 @@ from llmproxy.access_log import (
 )
 from llmproxy.config import Configuration
 from llmproxy.errors import ProxyError
-from llmproxy.headers import filter_response_headers, merge_upstream_headers
+from llmproxy.headers import filter_response_headers, has_control_bytes, merge_upstream_headers
 from llmproxy.retry import AttemptOutcome, RetryDecision, decide, next_upstream
 from llmproxy.targets import has_dot_segment, is_api_path, upstream_target
 
@@ -126,12 +126,16 @@ class Forwarder:
         self, scope: Scope, receive: Receive, send: Send, exchange: _Exchange
     ) -> None:
         record = exchange.record
-        client_headers = [
-            (name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]
-        ]
+        try:
+            # UTF-8, because that is how the upstream client encodes them again: bytes unchanged.
+            client_headers = [(name.decode(), value.decode()) for name, value in scope["headers"]]
+        except UnicodeDecodeError:
+            await self._refuse(send, errors.INVALID_HEADER, exchange)
+            return
         request_id = _request_id(client_headers)
         if request_id is None:
             request_id = uuid.uuid4().hex
+            client_headers = [(n, v) for n, v in client_headers if n != "x-request-id"]
             client_headers.append(("x-request-id", request_id))
         record.request_id = request_id
         exchange.request_id_header = (b"x-llmproxy-request-id", request_id.encode())
@@ -291,11 +295,14 @@ class Forwarder:
         record = exchange.record
         response_headers = filter_response_headers(upstream.raw_headers)
         response_headers.append(exchange.request_id_header)
-        exchange.response_started = True
-        record.status = upstream.status
+        if has_control_bytes(upstream.raw_headers):
+            await self._refuse(send, errors.UPSTREAM_BAD_RESPONSE, exchange)
+            return
         await send(
             {"type": "http.response.start", "status": upstream.status, "headers": response_headers}
         )
+        exchange.response_started = True
+        record.status = upstream.status
         content_type = upstream.headers.get("Content-Type", "")
         is_sse = content_type.startswith("text/event-stream")
         # An error event can end only an SSE body whose length was not announced.

@@ -6,6 +6,7 @@ forwarder can apply them without touching I/O. Contract: DESIGN §3.2 and §4.1.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 # Hop-by-hop headers describe one connection, not the message; a proxy must not forward them.
@@ -62,6 +63,16 @@ def merge_upstream_headers(
         if name.lower() not in overridden
     ]
     return [*default_headers, *kept]
+
+
+# RFC 9110 §5.5: field values carry no control bytes but HTAB. The upstream client lets some
+# through; the server would refuse to write them after the response had been committed.
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def has_control_bytes(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether any header value holds a control byte (one scan over all the values)."""
+    return _CONTROL_BYTES.search(b"".join(value for _, value in headers)) is not None
 
 
 def filter_response_headers(

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from llmproxy.app import ProxyApp, create_app
 from llmproxy.config import Configuration, get_configuration
+from llmproxy.protocol import ProxyHttpProtocol
 
 STARTUP_DEADLINE = 10.0
 
@@ -41,7 +44,14 @@ class _NotifyingServer(uvicorn.Server):
 class ProxyServer:
     """The proxy on a free loopback port in a background thread; use it as a context manager."""
 
-    def __init__(self, configuration: Configuration, *, log_level: str = "warning") -> None:
+    def __init__(
+        self,
+        configuration: Configuration,
+        *,
+        log_level: str = "warning",
+        wrap_app: Callable[[ASGIApp], ASGIApp] | None = None,
+    ) -> None:
+        """`wrap_app` puts ASGI middleware of the test's around the proxy (e.g. to record)."""
         # Binding here (not in uvicorn) makes the port ours before the thread starts: no race.
         self._socket = socket.socket()
         self._socket.bind(("127.0.0.1", 0))
@@ -50,10 +60,10 @@ class ProxyServer:
         self.base_url = f"{self.url}/v1"
         self.app = proxy_app(configuration)
         config = uvicorn.Config(
-            self.app,
+            wrap_app(self.app) if wrap_app else self.app,
             log_level=log_level,
             lifespan="on",
-            http="httptools",
+            http=ProxyHttpProtocol,
             server_header=False,
             date_header=False,
         )

@@ -8,6 +8,7 @@ whose upstream is a running fake upstream (contract mode, DESIGN §8.4).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import pytest
 from llmproxy.config import Configuration
 from llmproxy.testing import ProxyServer
 from tests.e2e.fake_client import FakeUpstreamClient
+from tests.e2e.secrets_guard import SecretsGuard
 
 UPSTREAM_SECRET = "sk-e2e-upstream-SECRET-value"
 E2E_DEFAULT_HEADERS = {
@@ -41,11 +43,25 @@ class Target:
         return f"{self.proxy_url}/v1"
 
 
+GUARD = SecretsGuard([UPSTREAM_SECRET, *E2E_DEFAULT_HEADERS.values()])
+
+
 def start_proxy(upstream_base_url: str, **settings: object) -> ProxyServer:
-    """A real llmproxy server in front of `upstream_base_url` (not yet started)."""
+    """A real llmproxy server in front of `upstream_base_url` (not yet started); everything it
+    sends is checked for secrets."""
     settings.setdefault("upstream_urls", (upstream_base_url,))
     configuration = Configuration(**settings)  # type: ignore[arg-type]
-    return ProxyServer(configuration)
+    return ProxyServer(configuration, wrap_app=GUARD.wrap)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def secrets_never_leave() -> Iterator[SecretsGuard]:
+    """Across the whole end-to-end session: no secret in any response or log record."""
+    root = logging.getLogger()
+    root.addHandler(GUARD)
+    yield GUARD
+    root.removeHandler(GUARD)
+    assert GUARD.violations == [], GUARD.violations
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +79,9 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     fake_server = request.getfixturevalue("fake_upstream_server")
     fake = FakeUpstreamClient(fake_server.url)
     with start_proxy(
-        fake.base_url, default_headers=tuple(E2E_DEFAULT_HEADERS.items()), read_timeout=10.0
+        fake.base_url,
+        default_headers=tuple(E2E_DEFAULT_HEADERS.items()),
+        read_timeout=10.0,
     ) as proxy:
         yield Target(proxy.url, fake, E2E_DEFAULT_HEADERS, self_hosted=True)
     fake.close()

@@ -179,14 +179,8 @@ def test_an_h2c_upgrade_offer_is_ignored_and_the_body_forwarded(
 ) -> None:
     # What `curl --http2 http://...`, Java's HttpClient and Ktor send by default. RFC 9110 §7.8:
     # a server may ignore the offer; it must still read the request it came with.
-    # Strict for our own proxy, so a fixed uvicorn shows up; another gateway may well pass.
-    request.applymarker(
-        pytest.mark.xfail(
-            reason="uvicorn's httptools protocol drops the body of a request whose upgrade it "
-            "refuses (Kludex/uvicorn#2722, MagicStack/httptools#124)",
-            strict=target.self_hosted,
-        )
-    )
+    # uvicorn's httptools protocol dropped that body (Kludex/uvicorn#2722); llmproxy.protocol
+    # delivers it.
     offer = [
         ("Connection", "Upgrade, HTTP2-Settings"),
         ("Upgrade", "h2c"),
