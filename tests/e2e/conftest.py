@@ -58,10 +58,17 @@ def start_proxy(upstream_base_url: str, **settings: object) -> ProxyServer:
 def secrets_never_leave() -> Iterator[SecretsGuard]:
     """Across the whole end-to-end session: no secret in any response or log record."""
     root = logging.getLogger()
+    proxy_logger = logging.getLogger("llmproxy")
+    level = proxy_logger.level
+    proxy_logger.setLevel(logging.INFO)  # so the per-request lines exist to be checked
     root.addHandler(GUARD)
     yield GUARD
     root.removeHandler(GUARD)
+    proxy_logger.setLevel(level)
     assert GUARD.violations == [], GUARD.violations
+    # The guard must have watched something, or it proves nothing.
+    assert GUARD.responses_checked > 0
+    assert GUARD.records_checked > 0
 
 
 @pytest.fixture(scope="session")
