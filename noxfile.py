@@ -1,4 +1,4 @@
-"""Developer sessions: `nox` runs the test suite; `nox -s lint`, `nox -s demo`."""
+"""Developer sessions: `nox` runs the test suite; `nox -s lint`, `nox -s demo`, `nox -s bench`."""
 
 from __future__ import annotations
 
@@ -31,3 +31,13 @@ def demo(session: nox.Session) -> None:
     """Start the fake upstream and the proxy on loopback and show a few calls through them."""
     session.install(".")
     session.run("llmproxy", "demo", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """The benchmark: llmproxy vs direct vs a minimal reference proxy (`-- --quick`, `-- --help`).
+
+    Uses nginx and wrk when installed (`apt-get install nginx wrk`), Python stand-ins otherwise.
+    """
+    session.install(".", "aiohttp", "uvicorn", "httptools", "uvloop")
+    session.run("python", "bench/run.py", *session.posargs)
