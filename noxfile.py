@@ -1,4 +1,4 @@
-"""Developer sessions: `nox` runs the test suite; `nox -s lint`, `nox -s demo`, `nox -s bench`."""
+"""Developer sessions: `nox` runs the test suite; `nox -s lint`, `nox -s demo`."""
 
 from __future__ import annotations
 
