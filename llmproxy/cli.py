@@ -91,6 +91,18 @@ def logging_config(log_level: str) -> dict[str, Any]:
         "level": log_level.upper(),
         "propagate": False,
     }
+    # The per-request lines: plain text to stdout, without uvicorn's coloured level prefix.
+    config["formatters"]["llmproxy_access"] = {"format": "%(message)s"}
+    config["handlers"]["llmproxy_access"] = {
+        "formatter": "llmproxy_access",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stdout",
+    }
+    config["loggers"]["llmproxy.access"] = {
+        "handlers": ["llmproxy_access"],
+        "level": log_level.upper(),
+        "propagate": False,
+    }
     return config
 
 
@@ -120,6 +132,8 @@ def serve(configuration: Configuration, log_level: str) -> None:
             access_log=False,  # one log line per request is the proxy's own job
             server_header=False,  # the upstream's Server and Date headers pass through instead
             date_header=False,
+            # Clients' X-Forwarded-For must not rewrite the peer address (and costs per request).
+            proxy_headers=False,
             # On SIGTERM uvicorn stops accepting, lets in-flight requests run this long, then
             # cancels them; the forwarder ends a cancelled stream with the error event.
             timeout_graceful_shutdown=math.ceil(configuration.drain_timeout),

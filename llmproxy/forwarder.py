@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
+import secrets
 import time
-import uuid
 from dataclasses import dataclass
 
 import aiohttp
@@ -112,88 +113,88 @@ class Forwarder:
         self._format_log = format_json if configuration.log_format == "json" else format_text
         self._session = session
         self.active_requests = 0
+        # Request ids: a random prefix per process and a counter; unique without a system call.
+        self._id_prefix = secrets.token_hex(8)
+        self._id_counter = itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # One flat coroutine up to the attempts: every resumption of the innermost await passes
+        # through each coroutine level above it, and the profile showed that cost.
         exchange = _Exchange(RequestRecord(scope["method"], scope["path"]), time.perf_counter())
-        try:
-            await self._forward(scope, receive, send, exchange)
-        finally:
-            exchange.record.total_ms = exchange.elapsed_ms()
-            log_request(exchange.record, self._format_log)
-            metrics.observe(exchange.record)
-
-    async def _forward(
-        self, scope: Scope, receive: Receive, send: Send, exchange: _Exchange
-    ) -> None:
         record = exchange.record
         try:
-            # UTF-8, because that is how the upstream client encodes them again: bytes unchanged.
-            client_headers = [(name.decode(), value.decode()) for name, value in scope["headers"]]
-        except UnicodeDecodeError:
-            await self._refuse(send, errors.INVALID_HEADER, exchange)
-            return
-        request_id = _request_id(client_headers)
-        if request_id is None:
-            request_id = uuid.uuid4().hex
-            client_headers = [(n, v) for n, v in client_headers if n != "x-request-id"]
-            client_headers.append(("x-request-id", request_id))
-        record.request_id = request_id
-        exchange.request_id_header = (b"x-llmproxy-request-id", request_id.encode())
-
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        if not is_api_path(raw_path):
-            await self._refuse(send, errors.NOT_FOUND, exchange)
-            return
-        if has_dot_segment(raw_path):
-            await self._refuse(send, errors.INVALID_PATH, exchange)
-            return
-        if self._access_keys:
-            authenticated = authenticate(client_headers, self._access_keys)
-            if authenticated is None:
-                await self._refuse(send, errors.INVALID_PROXY_KEY, exchange)
+            try:
+                # UTF-8: how the upstream client encodes them again, so the bytes are unchanged.
+                client_headers = [(n.decode(), v.decode()) for n, v in scope["headers"]]
+            except UnicodeDecodeError:
+                await self._refuse(send, errors.INVALID_HEADER, exchange)
                 return
-            client_headers = authenticated
-        if _declared_length(scope["headers"]) > self._max_body_bytes:
-            await self._refuse(send, errors.REQUEST_TOO_LARGE, exchange)  # before reading it
-            return
-        if self._max_concurrent is not None and self.active_requests >= self._max_concurrent:
-            await self._refuse(send, errors.PROXY_OVERLOADED, exchange)
-            return
-        try:
-            body = await _read_body(receive, self._max_body_bytes)
-        except _BodyTooLargeError:
-            await self._refuse(send, errors.REQUEST_TOO_LARGE, exchange)
-            return
-        if body is None:
-            record.ending = CLIENT_DISCONNECT  # the client left while sending its body
-            return
-        record.bytes_in = len(body)
+            request_id = _request_id(client_headers)
+            if request_id is None:
+                request_id = f"{self._id_prefix}{next(self._id_counter):016x}"
+                client_headers = [(n, v) for n, v in client_headers if n != "x-request-id"]
+                client_headers.append(("x-request-id", request_id))
+            record.request_id = request_id
+            exchange.request_id_header = (b"x-llmproxy-request-id", request_id.encode())
 
-        task = asyncio.current_task()
-        assert task is not None
-        watcher = asyncio.create_task(_watch_disconnect(receive, task, exchange))
-        self.active_requests += 1
-        try:
-            await self._attempts(
-                scope["method"],
-                raw_path,
-                scope["query_string"],
-                client_headers,
-                body,
-                send,
-                exchange,
-            )
-        except asyncio.CancelledError:
-            if not exchange.client_gone:
-                raise
-            # Our own watcher cancelled us: the client left; leaving the `async with` of the
-            # upstream response closed its connection, so the upstream stops generating.
-            task.uncancel()
-            record.ending = CLIENT_DISCONNECT
+            raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+            if not is_api_path(raw_path):
+                await self._refuse(send, errors.NOT_FOUND, exchange)
+                return
+            if has_dot_segment(raw_path):
+                await self._refuse(send, errors.INVALID_PATH, exchange)
+                return
+            if self._access_keys:
+                authenticated = authenticate(client_headers, self._access_keys)
+                if authenticated is None:
+                    await self._refuse(send, errors.INVALID_PROXY_KEY, exchange)
+                    return
+                client_headers = authenticated
+            if _declared_length(scope["headers"]) > self._max_body_bytes:
+                await self._refuse(send, errors.REQUEST_TOO_LARGE, exchange)  # before reading
+                return
+            if self._max_concurrent is not None and self.active_requests >= self._max_concurrent:
+                await self._refuse(send, errors.PROXY_OVERLOADED, exchange)
+                return
+            try:
+                body = await _read_body(receive, self._max_body_bytes)
+            except _BodyTooLargeError:
+                await self._refuse(send, errors.REQUEST_TOO_LARGE, exchange)
+                return
+            if body is None:
+                record.ending = CLIENT_DISCONNECT  # the client left while sending its body
+                return
+            record.bytes_in = len(body)
+
+            task = asyncio.current_task()
+            assert task is not None
+            watcher = asyncio.create_task(_watch_disconnect(receive, task, exchange))
+            self.active_requests += 1
+            try:
+                await self._attempts(
+                    scope["method"],
+                    raw_path,
+                    scope["query_string"],
+                    client_headers,
+                    body,
+                    send,
+                    exchange,
+                )
+            except asyncio.CancelledError:
+                if not exchange.client_gone:
+                    raise
+                # Our own watcher cancelled us: the client left; leaving the `async with` of
+                # the upstream response closed its connection, so the upstream stops generating.
+                task.uncancel()
+                record.ending = CLIENT_DISCONNECT
+            finally:
+                self.active_requests -= 1
+                exchange.finished = True
+                watcher.cancel()
         finally:
-            self.active_requests -= 1
-            exchange.finished = True
-            watcher.cancel()
+            record.total_ms = exchange.elapsed_ms()
+            log_request(record, self._format_log)
+            metrics.observe(record)
 
     async def _attempts(
         self,
@@ -205,79 +206,53 @@ class Forwarder:
         send: Send,
         exchange: _Exchange,
     ) -> None:
-        """The loop of attempts (DESIGN §6): ask `decide`, then wait, then try the next upstream."""
+        """The loop of attempts (DESIGN §6): try, ask `decide`, wait, try the next upstream."""
+        record = exchange.record
         loop_started = time.monotonic()
         index = 0
         attempt = 0
         while True:
             attempt += 1
-            exchange.record.attempts = attempt
+            record.attempts = attempt
             upstream = self._upstreams[index]
-            decision = await self._attempt(
-                method,
-                upstream_target(upstream.base_url, raw_path, query_string),
-                merge_upstream_headers(client_headers, upstream.headers),
-                body,
-                send,
-                exchange,
-                attempt,
-                loop_started,
-            )
-            if decision is None:
-                return
+            decision: RetryDecision | None = None
+            try:
+                response_context = self._session.request(
+                    method,
+                    URL(upstream_target(upstream.base_url, raw_path, query_string), encoded=True),
+                    headers=merge_upstream_headers(client_headers, upstream.headers),
+                    data=body or None,
+                    allow_redirects=False,
+                )
+                # Opened and closed in this one block, so a cancellation (client gone) or an
+                # error anywhere below closes the upstream connection instead of leaking it.
+                async with response_context as response:
+                    record.upstream_status = response.status
+                    record.upstream_headers_ms = exchange.elapsed_ms()
+                    if response.status in self._policy.retry_statuses:
+                        outcome = AttemptOutcome.response(response.status, response.headers)
+                        decision = self._decide(attempt, outcome, loop_started)
+                    if decision is None or not decision.retry:
+                        await self._relay(response, send, exchange)
+                        return
+            except _PRE_RESPONSE_ERRORS as error:
+                if exchange.response_started:
+                    logger.warning("upstream failed after the response started; aborting")
+                    record.ending = UPSTREAM_ERROR
+                    return
+                connect_failed = isinstance(error, aiohttp.ClientConnectorError | ConnectionTimeout)
+                outcome = (
+                    AttemptOutcome.connect_failed()
+                    if connect_failed
+                    else AttemptOutcome.failed_after_send()
+                )
+                decision = self._decide(attempt, outcome, loop_started)
+                if not decision.retry:
+                    await self._refuse(send, _proxy_error_for(error), exchange)
+                    return
             logger.info("retrying in %.3fs: %s", decision.delay, decision.reason)
             await asyncio.sleep(decision.delay)
             index = next_upstream(index, len(self._upstreams))
-
-    async def _attempt(
-        self,
-        method: str,
-        target: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        send: Send,
-        exchange: _Exchange,
-        attempt: int,
-        loop_started: float,
-    ) -> RetryDecision | None:
-        """One attempt: None when the exchange is over, or the decision to try again."""
-        record = exchange.record
-        try:
-            response_context = self._session.request(
-                method,
-                URL(target, encoded=True),
-                headers=headers,
-                data=body or None,
-                allow_redirects=False,
-            )
-            # Opened and closed in this one block, so a cancellation (client gone) or an error
-            # anywhere below closes the upstream connection instead of leaking it.
-            async with response_context as upstream:
-                record.upstream_status = upstream.status
-                record.upstream_headers_ms = exchange.elapsed_ms()
-                if upstream.status in self._policy.retry_statuses:
-                    outcome = AttemptOutcome.response(upstream.status, upstream.headers)
-                    decision = self._decide(attempt, outcome, loop_started)
-                    if decision.retry:
-                        return decision
-                await self._relay(upstream, send, exchange)
-                return None
-        except _PRE_RESPONSE_ERRORS as error:
-            if exchange.response_started:
-                logger.warning("upstream failed after the response started; aborting")
-                record.ending = UPSTREAM_ERROR
-                return None
-            connect_failed = isinstance(error, aiohttp.ClientConnectorError | ConnectionTimeout)
-            outcome = (
-                AttemptOutcome.connect_failed()
-                if connect_failed
-                else AttemptOutcome.failed_after_send()
-            )
-            decision = self._decide(attempt, outcome, loop_started)
-            if decision.retry:
-                return decision
-            await self._refuse(send, _proxy_error_for(error), exchange)
-            return None
 
     def _decide(self, attempt: int, outcome: AttemptOutcome, loop_started: float) -> RetryDecision:
         return decide(

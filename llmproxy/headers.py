@@ -6,6 +6,7 @@ forwarder can apply them without touching I/O. Contract: DESIGN §3.2 and §4.1.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 
@@ -56,13 +57,21 @@ def merge_upstream_headers(
     the client's own `Authorization`; a default replaces every client value of the same name,
     whatever its case or count (DESIGN §3.2).
     """
-    overridden = {name.lower() for name, _ in default_headers} | CLIENT_SET_REQUEST_HEADERS
-    kept = [
-        (name, value)
-        for name, value in strip_hop_by_hop(client_headers)
-        if name.lower() not in overridden
+    dropped = _names_never_forwarded(tuple(default_headers))
+    listed = connection_listed_names(client_headers)
+    if listed:
+        dropped = dropped | listed
+    return [
+        *default_headers,
+        *((name, value) for name, value in client_headers if name.lower() not in dropped),
     ]
-    return [*default_headers, *kept]
+
+
+@functools.lru_cache(maxsize=64)
+def _names_never_forwarded(default_headers: tuple[tuple[str, str], ...]) -> frozenset[str]:
+    """Hop-by-hop, client-set and default names: computed once per set of defaults."""
+    defaults = {name.lower() for name, _ in default_headers}
+    return HOP_BY_HOP_HEADERS | CLIENT_SET_REQUEST_HEADERS | defaults
 
 
 # RFC 9110 §5.5: field values carry no control bytes but HTAB. The upstream client lets some

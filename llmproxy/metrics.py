@@ -7,7 +7,9 @@ worker) adds them all up. Labels hold statuses only: nothing a client sent, noth
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -50,9 +52,14 @@ CLIENT_DISCONNECTS = Counter(
 RETRIES = Counter("llmproxy_retries_total", "Upstream attempts beyond the first")
 
 
+@functools.lru_cache(maxsize=256)
+def _requests_with_status(status: int) -> Any:
+    return REQUESTS.labels(str(status))  # the labelled child, looked up once per status
+
+
 def observe(record: RequestRecord) -> None:
     """Count one finished request."""
-    REQUESTS.labels(str(record.status or 0)).inc()
+    _requests_with_status(record.status or 0).inc()
     if record.upstream_headers_ms is not None:
         UPSTREAM_HEADERS.observe(record.upstream_headers_ms / 1000)
     if record.first_byte_ms is not None:
