@@ -1,4 +1,4 @@
-"""Developer sessions: `nox` runs the test suite; `nox -s lint`, `nox -s demo`."""
+"""Developer sessions: `nox` runs the test suite; `nox -s lint`, `demo`, `bench`, `soak`."""
 
 from __future__ import annotations
 
@@ -41,3 +41,18 @@ def bench(session: nox.Session) -> None:
     """
     session.install(".", "aiohttp", "uvicorn", "httptools", "uvloop")
     session.run("python", "bench/run.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def soak(session: nox.Session) -> None:
+    """The soak test at full size: 2,000 streams with random disconnects and upstream resets."""
+    session.install("-e", ".[test]")
+    session.run(
+        "pytest",
+        "tests/e2e/test_soak.py",
+        "-p",
+        "no:cacheprovider",
+        "-s",
+        *session.posargs,
+        env={"LLMPROXY_SOAK_STREAMS": "2000"},
+    )
