@@ -89,6 +89,8 @@ class ScriptedResponse(Response):
                     task_group.cancel_scope.cancel()
 
             task_group.start_soon(watch_for_disconnect)
+            # Assigned before the play, because a client disconnect cancels it mid-way.
+            unplayable = None
             unplayable = await self._play(scope, send, client_gone)
             task_group.cancel_scope.cancel()
         if unplayable is not None:

@@ -256,3 +256,36 @@ def test_non_stream_reset_truncates_the_body(http: httpx.Client) -> None:
         http.get("/models", headers=script(ending="reset"))
     with pytest.raises(httpx.RemoteProtocolError):
         http.get("/models", headers=script(ending="close"))
+
+
+def test_a_client_leaving_a_stream_logs_no_error_in_the_fake(fake_upstream: Any) -> None:
+    """Regression: a disconnect cancelled the play before its result was assigned."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Collect(level=logging.ERROR)
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    uvicorn_errors.addHandler(handler)
+    try:
+        script = '{"stream": true, "ending": "stall", "after_chunks": 1}'
+        with httpx.stream(
+            "POST",
+            f"{fake_upstream.base_url}/chat/completions",
+            json={"model": "m", "messages": [], "stream": True},
+            headers={"x-fake-script": script},
+            timeout=10,
+        ) as response:
+            next(response.iter_raw())
+        fake_upstream.wait_for_journal(lambda j: j[0]["disconnected"], timeout=5)
+        # The error, when there was one, was logged as the app's task ended: give that task
+        # the chance to end by making one more request and waiting for its journal entry.
+        httpx.get(f"{fake_upstream.base_url}/models", timeout=10)
+        fake_upstream.wait_for_journal(lambda j: len(j) == 2 and j[1]["completed"], timeout=5)
+    finally:
+        uvicorn_errors.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
