@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import httpx
 import uvicorn
 from aiohttp import web
 from starlette.types import ASGIApp
@@ -121,3 +126,47 @@ async def read_request_head(reader: asyncio.StreamReader) -> bytes:
         if line.lower().startswith(b"content-length:"):
             await reader.readexactly(int(line.split(b":", 1)[1]))
     return head
+
+
+def llmproxy_environment(**settings: str) -> dict[str, str]:
+    """This process's environment without any LLMPROXY_*/metrics settings, plus `settings`."""
+    inherited = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("LLMPROXY_") and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
+    return inherited | settings
+
+
+def wait_until_ready(url: str, process: subprocess.Popen[bytes], deadline: float = 30.0) -> None:
+    """Poll `url`/readyz until it answers 200; fail if the process exits or time runs out."""
+    give_up = time.monotonic() + deadline
+    while True:
+        assert process.poll() is None, "llmproxy serve exited while starting"
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        assert time.monotonic() < give_up, "llmproxy serve did not become ready"
+        time.sleep(0.05)  # polling readiness with a deadline
+
+
+@contextlib.contextmanager
+def serve_subprocess(
+    env: dict[str, str], *args: str, output: int | None = subprocess.DEVNULL
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`python -m llmproxy serve --port P *args` as a child process, ready; killed at the end."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmproxy", "serve", "--port", str(port), *args],
+        env=env,
+        stdout=output,
+        stderr=subprocess.STDOUT if output == subprocess.PIPE else output,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, process)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=20)

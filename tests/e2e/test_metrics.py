@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from typing import TYPE_CHECKING
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import UPSTREAM_SECRET, Target
-from tests.support import free_port
+from tests.support import llmproxy_environment, serve_subprocess
 
 if TYPE_CHECKING:
     from fake_upstream.server import FakeUpstreamServer
@@ -63,30 +59,8 @@ def test_metrics_count_requests_statuses_latency_and_no_secrets(
 
 
 def test_metrics_add_up_over_two_workers(fake_upstream: FakeUpstreamServer) -> None:
-    port = free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("LLMPROXY_") and k != "PROMETHEUS_MULTIPROC_DIR"
-    } | {"LLMPROXY_UPSTREAM_URL": fake_upstream.base_url}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llmproxy", "serve", "--port", str(port), "--workers", "2"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:  # readiness of at least one worker, with a deadline
-            assert process.poll() is None
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "llmproxy serve --workers 2 did not start"
-            time.sleep(0.05)
+    env = llmproxy_environment(LLMPROXY_UPSTREAM_URL=fake_upstream.base_url)
+    with serve_subprocess(env, "--workers", "2") as (_, url):
         # New connections each time, so the kernel spreads them over both workers.
         for _ in range(20):
             response = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=10)
@@ -94,6 +68,3 @@ def test_metrics_add_up_over_two_workers(fake_upstream: FakeUpstreamServer) -> N
         # Whichever worker answers /metrics, the total is the sum over both.
         for _ in range(4):
             assert requests_with_status(samples(url), "200") == 20
-    finally:
-        process.terminate()
-        process.wait(timeout=20)

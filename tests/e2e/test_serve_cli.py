@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import httpx
 import openai
 import pytest
 
-from tests.support import free_port
+from tests.support import llmproxy_environment, serve_subprocess
 
 if TYPE_CHECKING:
     from fake_upstream.server import FakeUpstreamServer
@@ -25,35 +21,15 @@ UPSTREAM_KEY = "sk-cli-upstream-SECRET"
 
 @pytest.fixture
 def served_proxy(fake_upstream: FakeUpstreamServer) -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPROXY_")} | {
-        "LLMPROXY_UPSTREAM_URL": fake_upstream.base_url,
-        "LLMPROXY_UPSTREAM_API_KEY": UPSTREAM_KEY,
-        "LLMPROXY_DEFAULT_HEADERS": json.dumps({"OpenAI-Organization": "org-cli"}),
-        "LLMPROXY_CONNECT_TIMEOUT": "5",
-        "LLMPROXY_READ_TIMEOUT": "30",
-        "LLMPROXY_PORT": str(port),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llmproxy", "serve"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    env = llmproxy_environment(
+        LLMPROXY_UPSTREAM_URL=fake_upstream.base_url,
+        LLMPROXY_UPSTREAM_API_KEY=UPSTREAM_KEY,
+        LLMPROXY_DEFAULT_HEADERS=json.dumps({"OpenAI-Organization": "org-cli"}),
+        LLMPROXY_CONNECT_TIMEOUT="5",
+        LLMPROXY_READ_TIMEOUT="30",
     )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:  # readiness: poll /readyz until it answers, the process dies, or time is up
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "llmproxy serve did not become ready"
-            time.sleep(0.05)
+    with serve_subprocess(env, output=subprocess.PIPE) as (process, url):
         yield url
-    finally:
         process.terminate()
         output, _ = process.communicate(timeout=15)
         # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells why.

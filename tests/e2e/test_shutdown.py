@@ -4,10 +4,8 @@ stream still running then ends with the interrupted-stream error event, never a 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -15,7 +13,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from tests.support import free_port
+from tests.support import llmproxy_environment, serve_subprocess
 
 if TYPE_CHECKING:
     from fake_upstream.server import FakeUpstreamServer
@@ -25,33 +23,11 @@ CHAT = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "c
 
 @pytest.fixture
 def served(fake_upstream: FakeUpstreamServer) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPROXY_")} | {
-        "LLMPROXY_UPSTREAM_URL": fake_upstream.base_url,
-        "LLMPROXY_DRAIN_TIMEOUT": "1.5",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llmproxy", "serve", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    env = llmproxy_environment(
+        LLMPROXY_UPSTREAM_URL=fake_upstream.base_url, LLMPROXY_DRAIN_TIMEOUT="1.5"
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:  # readiness, with a deadline
-        assert process.poll() is None
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "llmproxy serve did not become ready"
-        time.sleep(0.05)
-    try:
-        yield process, url
-    finally:
-        process.kill()
-        process.wait(timeout=10)
+    with serve_subprocess(env, "--log-level", "warning") as served_process:
+        yield served_process
 
 
 def stream_events(url: str, script: dict[str, object], on_first: object) -> list[str]:
