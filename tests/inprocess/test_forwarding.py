@@ -352,3 +352,16 @@ async def test_upstream_reset_mid_json_body_aborts_the_client_connection() -> No
         ):
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.get("/v1/models")
+
+
+async def test_before_start_up_readyz_and_v1_answer_503_not_ready() -> None:
+    app = proxy_app(Configuration(upstream_urls=("http://127.0.0.1:9/v1",)))  # lifespan not run
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
+        healthz = await client.get("/healthz")
+        readyz = await client.get("/readyz")
+        forwarded = await client.get("/v1/models")
+    assert healthz.status_code == 200
+    assert readyz.status_code == 503
+    assert forwarded.status_code == 503
+    assert forwarded.json()["error"]["code"] == "proxy_not_ready"
