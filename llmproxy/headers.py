@@ -41,12 +41,6 @@ def connection_listed_names(headers: Iterable[tuple[str, str]]) -> frozenset[str
     return frozenset(listed)
 
 
-def strip_hop_by_hop(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Drop hop-by-hop headers and every header named in `Connection`, keeping order."""
-    dropped = HOP_BY_HOP_HEADERS | connection_listed_names(headers)
-    return [(name, value) for name, value in headers if name.lower() not in dropped]
-
-
 def merge_upstream_headers(
     client_headers: Sequence[tuple[str, str]],
     default_headers: Sequence[tuple[str, str]],

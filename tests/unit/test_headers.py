@@ -12,7 +12,6 @@ from llmproxy.headers import (
     connection_listed_names,
     filter_response_headers,
     merge_upstream_headers,
-    strip_hop_by_hop,
 )
 
 TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -164,11 +163,6 @@ def test_merge_cases(
     expected: list[tuple[str, str]],
 ) -> None:
     assert merge_upstream_headers(client, defaults) == expected
-
-
-def test_strip_keeps_order_and_drops_connection_listed() -> None:
-    headers = [("A", "1"), ("Connection", "close, X-Foo"), ("x-foo", "2"), ("B", "3")]
-    assert strip_hop_by_hop(headers) == [("A", "1"), ("B", "3")]
 
 
 @given(
