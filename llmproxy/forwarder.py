@@ -35,6 +35,7 @@ from llmproxy.access_log import (
 from llmproxy.config import Configuration
 from llmproxy.errors import ProxyError
 from llmproxy.headers import filter_response_headers, has_control_bytes, merge_upstream_headers
+from llmproxy.protocol import disconnect_signal
 from llmproxy.retry import AttemptOutcome, RetryDecision, decide, next_upstream
 from llmproxy.targets import has_dot_segment, is_api_path, upstream_target
 
@@ -95,9 +96,16 @@ class _Exchange:
     response_started: bool = False
     finished: bool = False
     client_gone: bool = False
+    task: asyncio.Task[None] | None = None  # the forwarding task, cancelled if the client goes
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
+
+    def client_left(self) -> None:
+        """Cancel the forwarding, unless the answer is already complete."""
+        if not self.finished and self.task is not None:
+            self.client_gone = True
+            self.task.cancel()
 
 
 class Forwarder:
@@ -166,9 +174,19 @@ class Forwarder:
                 return
             record.bytes_in = len(body)
 
-            task = asyncio.current_task()
+            task = exchange.task = asyncio.current_task()
             assert task is not None
-            watcher = asyncio.create_task(_watch_disconnect(receive, task, exchange))
+            # Cancel the task as soon as the client goes away, before or during the answer:
+            # told by the server protocol if it is ours, else by a task waiting in `receive`.
+            signal = disconnect_signal(scope)
+            watcher: asyncio.Task[None] | None = None
+            if signal is None:
+                watcher = asyncio.create_task(_watch_disconnect(receive, exchange))
+            elif signal.gone:
+                record.ending = CLIENT_DISCONNECT
+                return
+            else:
+                signal.callback = exchange.client_left
             self.active_requests += 1
             try:
                 await self._attempts(
@@ -190,7 +208,10 @@ class Forwarder:
             finally:
                 self.active_requests -= 1
                 exchange.finished = True
-                watcher.cancel()
+                if watcher is not None:
+                    watcher.cancel()
+                elif signal is not None:
+                    signal.callback = None
         finally:
             record.total_ms = exchange.elapsed_ms()
             log_request(record, self._format_log)
@@ -427,19 +448,15 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return b"".join(parts)
 
 
-async def _watch_disconnect(
-    receive: Receive, task: asyncio.Task[None], exchange: _Exchange
-) -> None:
-    """Cancel the forwarding task as soon as the client goes away, before or during the body.
+async def _watch_disconnect(receive: Receive, exchange: _Exchange) -> None:
+    """Tell the exchange when the client goes away (under servers other than ours).
 
     The ASGI server's `send` is silent after a disconnect, so only `receive` can tell.
     """
     message: Message = {"type": ""}
     while message["type"] != "http.disconnect":
         message = await receive()
-    if not exchange.finished:
-        exchange.client_gone = True
-        task.cancel()
+    exchange.client_left()
 
 
 async def send_proxy_error(send: Send, error: ProxyError, *extra: tuple[bytes, bytes]) -> None:

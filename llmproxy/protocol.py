@@ -13,11 +13,16 @@ that is harmless for an application but not for a proxy that forwards what it re
 * `Transfer-Encoding` codings other than a single final `chunked` are refused (RFC 9112 §6.1):
   uvicorn removed only the chunking and the coded bytes would pass on as plain.
 * uvicorn's own refusals were `text/plain`; they are now the OpenAI error shape.
+
+It also tells the application when the client leaves (`DisconnectSignal`), which uvicorn only
+reports to a task waiting in `receive()`: keeping such a task per request cost more than any
+other single part of the proxy's own work (issue 6).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -25,6 +30,33 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 64 * 1024
+
+# ASGI server extension (the spec's `scope["extensions"]`): each request's DisconnectSignal is
+# `scope["extensions"][DISCONNECT_EXTENSION]["signal"]`.
+DISCONNECT_EXTENSION = "llmproxy.disconnect"
+
+
+class DisconnectSignal:
+    """Set on the connection's loss: `gone` becomes true and `callback`, if set, is called."""
+
+    __slots__ = ("callback", "gone")
+
+    def __init__(self) -> None:
+        self.callback: Callable[[], None] | None = None
+        self.gone = False
+
+    def fire(self) -> None:
+        self.gone = True
+        callback, self.callback = self.callback, None
+        if callback is not None:
+            callback()
+
+
+def disconnect_signal(scope: Any) -> DisconnectSignal | None:
+    """The request's DisconnectSignal, if the server is `ProxyHttpProtocol`."""
+    extension = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+    signal = extension.get("signal") if extension is not None else None
+    return signal if isinstance(signal, DisconnectSignal) else None
 
 
 class _RefusedRequestError(Exception):
@@ -51,6 +83,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope["extensions"] = {DISCONNECT_EXTENSION: {"signal": DisconnectSignal()}}
         self._header_count = 0
         self._header_bytes = 0
         self._in_trailers = False
@@ -88,6 +121,14 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         ):
             return
         super().on_message_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        super().connection_lost(exc)
+        if cycle is not None and cycle.disconnected:  # lost before the response was complete
+            signal = disconnect_signal(cycle.scope)
+            if signal is not None:
+                signal.fire()
 
     def data_received(self, data: bytes) -> None:
         if self._upgrade_body_left is not None:
