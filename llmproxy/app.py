@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 from llmproxy import errors, metrics
 from llmproxy.config import Configuration, get_configuration
 from llmproxy.errors import ProxyError
-from llmproxy.forwarder import Forwarder, create_upstream_session, send_proxy_error
+from llmproxy.forwarder import Forwarder, create_upstream_client, send_proxy_error
 
 NOT_READY = ProxyError(
     503, "proxy_not_ready", "The proxy is starting or stopping; try again.", "proxy_error"
@@ -57,13 +57,13 @@ def resolve_configuration(app: FastAPI) -> Configuration:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     assert isinstance(app, ProxyApp)
     configuration = resolve_configuration(app)
-    session = create_upstream_session(configuration)
-    app.forwarder = Forwarder(configuration, session)
+    client = create_upstream_client(configuration)
+    app.forwarder = Forwarder(configuration, client)
     try:
         yield
     finally:
         app.forwarder = None
-        await session.close()
+        await client.close()
 
 
 def _error_response(error: ProxyError) -> Response:

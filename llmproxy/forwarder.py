@@ -16,10 +16,9 @@ import random
 import secrets
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-import aiohttp
 from starlette.types import Message, Receive, Scope, Send
-from yarl import URL
 
 from llmproxy import errors, metrics
 from llmproxy.access import authenticate, usable_request_id
@@ -37,22 +36,18 @@ from llmproxy.errors import ProxyError
 from llmproxy.headers import filter_response_headers, has_control_bytes, merge_upstream_headers
 from llmproxy.protocol import disconnect_signal
 from llmproxy.retry import AttemptOutcome, RetryDecision, decide, next_upstream
-from llmproxy.targets import has_dot_segment, is_api_path, upstream_target
+from llmproxy.targets import has_dot_segment, is_api_path, request_target
+from llmproxy.upstream_client import (
+    ConnectFailedError,
+    ConnectTimeoutError,
+    Origin,
+    ReadTimeoutError,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamResponse,
+)
 
 logger = logging.getLogger("llmproxy")
-
-# The upstream client must not add anything the client did not send: an `Accept-Encoding` it
-# invented would make the upstream compress a body that is then passed through raw.
-_SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-
-# Below uvicorn's 5 s keep-alive default, the shortest idle timeout common among
-# OpenAI-compatible servers (vLLM, LiteLLM): reusing a connection the upstream is about to
-# close would fail a POST that nobody may safely retry.
-_POOL_KEEPALIVE_SECONDS = 4.0
-
-# Upper bound on simultaneous upstream connections per process. Far above what one core serves,
-# so the pool never queues requests under load; the count of open sockets stays bounded.
-_POOL_MAX_CONNECTIONS = 4096
 
 _INTERRUPTED_MESSAGE: Message = {
     "type": "http.response.body",
@@ -62,28 +57,21 @@ _INTERRUPTED_MESSAGE: Message = {
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
-def create_upstream_session(configuration: Configuration) -> aiohttp.ClientSession:
-    """The one upstream client of the process, with its pool limits and timeouts."""
-    connector = aiohttp.TCPConnector(
-        limit=_POOL_MAX_CONNECTIONS,
-        limit_per_host=0,
-        keepalive_timeout=_POOL_KEEPALIVE_SECONDS,
-        ttl_dns_cache=60,
+def create_upstream_client(configuration: Configuration) -> UpstreamClient:
+    """The one upstream client of the process, with its timeouts (pool limits: its defaults)."""
+    return UpstreamClient(
+        connect_timeout=configuration.connect_timeout,
+        read_timeout=configuration.read_timeout,  # between bytes: before headers and in the body
     )
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        connect=None,  # waiting for a pool slot is bounded by the pool size, not a timer
-        sock_connect=configuration.connect_timeout,
-        sock_read=configuration.read_timeout,  # between bytes: before headers and in the body
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        auto_decompress=False,  # bytes pass through raw; Content-Encoding stays true
-        cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
-        skip_auto_headers=_SKIP_AUTO_HEADERS,
-        trust_env=False,  # HTTP(S)_PROXY variables must not reroute the upstream
-    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """One upstream as the forwarder uses it: where to connect, the base path, its headers."""
+
+    origin: Origin
+    base_path: str
+    headers: tuple[tuple[str, str], ...]
 
 
 @dataclass(slots=True)
@@ -111,19 +99,30 @@ class _Exchange:
 class Forwarder:
     """ASGI app: forwards one request to the upstream and streams the answer back."""
 
-    def __init__(self, configuration: Configuration, session: aiohttp.ClientSession) -> None:
-        self._upstreams = configuration.upstreams()
+    def __init__(self, configuration: Configuration, client: UpstreamClient) -> None:
+        self._routes = tuple(
+            _Route(
+                Origin.from_url(upstream.base_url),
+                urlsplit(upstream.base_url).path.rstrip("/"),
+                tuple(upstream.headers),
+            )
+            for upstream in configuration.upstreams()
+        )
         self._policy = configuration.retry_policy()
         self._keepalive = configuration.sse_keepalive
         self._access_keys = tuple(key.encode() for key in configuration.proxy_access_keys())
         self._max_body_bytes = configuration.max_body_bytes
         self._max_concurrent = configuration.max_concurrent_requests
         self._format_log = format_json if configuration.log_format == "json" else format_text
-        self._session = session
+        self._client = client
         self.active_requests = 0
         # Request ids: a random prefix per process and a counter; unique without a system call.
         self._id_prefix = secrets.token_hex(8)
         self._id_counter = itertools.count()
+
+    @property
+    def upstream_client(self) -> UpstreamClient:
+        return self._client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One flat coroutine up to the attempts: every resumption of the innermost await passes
@@ -235,45 +234,45 @@ class Forwarder:
         while True:
             attempt += 1
             record.attempts = attempt
-            upstream = self._upstreams[index]
+            route = self._routes[index]
             decision: RetryDecision | None = None
             try:
-                response_context = self._session.request(
+                response = await self._client.request(
+                    route.origin,
                     method,
-                    URL(upstream_target(upstream.base_url, raw_path, query_string), encoded=True),
-                    headers=merge_upstream_headers(client_headers, upstream.headers),
-                    data=body or None,
-                    allow_redirects=False,
+                    request_target(route.base_path, raw_path, query_string),
+                    merge_upstream_headers(client_headers, route.headers),
+                    body,
                 )
-                # Opened and closed in this one block, so a cancellation (client gone) or an
-                # error anywhere below closes the upstream connection instead of leaking it.
-                async with response_context as response:
-                    record.upstream_status = response.status
-                    record.upstream_headers_ms = exchange.elapsed_ms()
-                    if response.status in self._policy.retry_statuses:
-                        outcome = AttemptOutcome.response(response.status, response.headers)
-                        decision = self._decide(attempt, outcome, loop_started)
-                    if decision is None or not decision.retry:
-                        await self._relay(response, send, exchange)
-                        return
-            except _PRE_RESPONSE_ERRORS as error:
-                if exchange.response_started:
-                    logger.warning("upstream failed after the response started; aborting")
-                    record.ending = UPSTREAM_ERROR
-                    return
-                connect_failed = isinstance(error, aiohttp.ClientConnectorError | ConnectionTimeout)
+            except UpstreamError as error:
                 outcome = (
                     AttemptOutcome.connect_failed()
-                    if connect_failed
+                    if isinstance(error, ConnectFailedError)
                     else AttemptOutcome.failed_after_send()
                 )
                 decision = self._decide(attempt, outcome, loop_started)
                 if not decision.retry:
                     await self._refuse(send, _proxy_error_for(error), exchange)
                     return
+            else:
+                # Closed in this one block, so a cancellation (client gone) or an error below
+                # closes the upstream connection instead of leaking it.
+                try:
+                    record.upstream_status = response.status
+                    record.upstream_headers_ms = exchange.elapsed_ms()
+                    if response.status in self._policy.retry_statuses:
+                        outcome = AttemptOutcome.response(
+                            response.status, response.headers_as_text()
+                        )
+                        decision = self._decide(attempt, outcome, loop_started)
+                    if decision is None or not decision.retry:
+                        await self._relay(response, send, exchange)
+                        return
+                finally:
+                    response.close()
             logger.info("retrying in %.3fs: %s", decision.delay, decision.reason)
             await asyncio.sleep(decision.delay)
-            index = next_upstream(index, len(self._upstreams))
+            index = next_upstream(index, len(self._routes))
 
     def _decide(self, attempt: int, outcome: AttemptOutcome, loop_started: float) -> RetryDecision:
         return decide(
@@ -285,9 +284,7 @@ class Forwarder:
             random_fraction=random.random(),  # noqa: S311 - jitter, not cryptography
         )
 
-    async def _relay(
-        self, upstream: aiohttp.ClientResponse, send: Send, exchange: _Exchange
-    ) -> None:
+    async def _relay(self, upstream: UpstreamResponse, send: Send, exchange: _Exchange) -> None:
         record = exchange.record
         response_headers = filter_response_headers(upstream.raw_headers)
         response_headers.append(exchange.request_id_header)
@@ -299,14 +296,14 @@ class Forwarder:
         )
         exchange.response_started = True
         record.status = upstream.status
-        content_type = upstream.headers.get("Content-Type", "")
-        is_sse = content_type.startswith("text/event-stream")
+        content_type = upstream.header(b"content-type") or b""
+        is_sse = content_type.startswith(b"text/event-stream")
         # An error event can end only an SSE body whose length was not announced.
-        can_end_with_event = is_sse and "Content-Length" not in upstream.headers
-        chunks = (
-            _WithKeepalive(upstream.content, self._keepalive)
+        can_end_with_event = is_sse and upstream.header(b"content-length") is None
+        chunks: UpstreamResponse | _WithKeepalive = (
+            _WithKeepalive(upstream, self._keepalive)
             if is_sse and self._keepalive is not None
-            else upstream.content.iter_any()
+            else upstream
         )
         metrics.ACTIVE_STREAMS.inc()
         try:
@@ -324,7 +321,7 @@ class Forwarder:
                 with contextlib.suppress(Exception):
                     await send(_INTERRUPTED_MESSAGE)
             raise
-        except _MID_STREAM_ERRORS:
+        except UpstreamError:
             upstream.close()
             record.ending = UPSTREAM_ERROR
             if can_end_with_event:
@@ -346,19 +343,13 @@ class Forwarder:
         await send_proxy_error(send, error, exchange.request_id_header)
 
 
-# aiohttp's connect timeout: the upstream never got the request, like a refused connection.
-ConnectionTimeout = aiohttp.ConnectionTimeoutError
-_PRE_RESPONSE_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
-_MID_STREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
-
-
-def _proxy_error_for(error: BaseException) -> ProxyError:
+def _proxy_error_for(error: UpstreamError) -> ProxyError:
     """Which of the proxy's own errors answers an upstream failure before the response."""
-    if isinstance(error, aiohttp.ConnectionTimeoutError):
+    if isinstance(error, ConnectTimeoutError):
         return errors.UPSTREAM_CONNECT_TIMEOUT
-    if isinstance(error, aiohttp.ClientConnectorError):
+    if isinstance(error, ConnectFailedError):
         return errors.UPSTREAM_UNREACHABLE
-    if isinstance(error, asyncio.TimeoutError):
+    if isinstance(error, ReadTimeoutError):
         return errors.UPSTREAM_TIMEOUT
     return errors.UPSTREAM_BAD_RESPONSE
 
@@ -374,7 +365,7 @@ class _WithKeepalive:
     sees a change in the events (WHATWG HTML §9.2.6: lines starting with ':' are ignored).
     """
 
-    def __init__(self, content: aiohttp.StreamReader, interval: float) -> None:
+    def __init__(self, content: UpstreamResponse, interval: float) -> None:
         self._content = content
         self._interval = interval
         self._at_event_boundary = True
@@ -386,10 +377,8 @@ class _WithKeepalive:
         while True:
             try:
                 async with asyncio.timeout(self._interval):
-                    chunk = await self._content.readany()
-            except aiohttp.ServerTimeoutError:
-                raise  # the read timeout: a real failure, not a silence to fill
-            except TimeoutError:
+                    chunk = await self._content.read_chunk()
+            except TimeoutError:  # the interval; the read timeout is a ReadTimeoutError
                 if self._at_event_boundary:
                     return _KEEPALIVE_COMMENT
                 continue

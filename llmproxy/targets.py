@@ -1,4 +1,4 @@
-"""Where a client's request goes: `/v1/<rest>?<query>` -> `<upstream base>/<rest>?<query>`.
+"""Where a client's request goes: `/v1/<rest>?<query>` -> `<upstream base path>/<rest>?<query>`.
 
 Pure functions over the raw (still percent-encoded) path, so the upstream receives exactly the
 bytes the client sent, and nothing the client sends can choose another host (DESIGN §3.3).
@@ -27,13 +27,14 @@ def has_dot_segment(raw_path: bytes) -> bool:
     return any(segment.lower() in _DOT_SEGMENTS for segment in raw_path.split(b"/"))
 
 
-def upstream_target(base_url: str, raw_path: bytes, query_string: bytes) -> str:
-    """The upstream URL for an API path (callers check `is_api_path` first).
+def request_target(base_path: str, raw_path: bytes, query_string: bytes) -> str:
+    """The request target for the upstream: its base path, then the API path's rest and query.
 
-    `base_url` has no trailing slash; the remainder of the path and the query are appended
-    byte for byte (they are ASCII on the wire: HTTP/1.1 request targets are).
+    `base_path` is the upstream base URL's path without a trailing slash (`/v1`, or `` for a
+    bare host). The rest and the query are appended byte for byte: they are ASCII on the wire,
+    as HTTP/1.1 request targets are.
     """
     rest = raw_path[len(API_PREFIX) - 1 :].decode("latin-1")
     if query_string:
-        return f"{base_url}{rest}?{query_string.decode('latin-1')}"
-    return base_url + rest
+        return f"{base_path}{rest}?{query_string.decode('latin-1')}"
+    return base_path + rest

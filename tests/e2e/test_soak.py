@@ -71,18 +71,10 @@ def metric_samples(proxy_url: str) -> dict[str, float]:
 def pool_of(forwarder: Forwarder) -> tuple[int, int]:
     """(connections in use, idle connections still connected) of the proxy's upstream pool.
 
-    aiohttp has no public API for either, so this reads private attributes: the Forwarder's
-    `_session` and the TCPConnector's `_acquired` (protocols handed out to requests) and
-    `_conns` (idle keep-alive protocols by host). Read from this thread while the proxy's loop
-    runs: `len()` and `list()` of a built-in container are atomic under the GIL.
+    Read from this thread while the proxy's loop runs: the counts copy the pool's containers
+    first (`list()` of a built-in container is atomic under the GIL).
     """
-    connector = forwarder._session.connector
-    assert connector is not None
-    in_use = len(connector._acquired)
-    idle = [
-        protocol for entries in list(connector._conns.values()) for protocol, _ in list(entries)
-    ]
-    return in_use, sum(1 for protocol in idle if protocol.is_connected())
+    return forwarder.upstream_client.pool_counts()
 
 
 def request_id_of(entry: dict[str, object]) -> str | None:
