@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from llmproxy import errors, metrics
+from llmproxy.access_log import flush_request_log
 from llmproxy.config import Configuration, get_configuration
 from llmproxy.errors import ProxyError
 from llmproxy.forwarder import Forwarder, create_upstream_client, send_proxy_error
@@ -64,6 +65,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         app.forwarder = None
         await client.close()
+        flush_request_log()
 
 
 def _error_response(error: ProxyError) -> Response:

@@ -98,7 +98,7 @@ def logging_config(log_level: str) -> dict[str, Any]:
     config["formatters"]["llmproxy_access"] = {"format": "%(message)s"}
     config["handlers"]["llmproxy_access"] = {
         "formatter": "llmproxy_access",
-        "class": "logging.StreamHandler",
+        "class": "llmproxy.access_log.BufferedLineHandler",  # written in batches, not per line
         "stream": "ext://sys.stdout",
     }
     config["loggers"]["llmproxy.access"] = {
@@ -124,10 +124,16 @@ def create_served_app() -> ProxyApp:
     collector's reach, so the rare full collections no longer walk it.
     """
     import gc
+    import logging
 
     from llmproxy.app import create_app
 
     app = create_app()
+    # Each log record would otherwise ask the system for the process id and look up the thread
+    # and process names; no format llmproxy configures shows them.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     gc.collect()
     gc.freeze()
     _, middle, oldest = gc.get_threshold()
