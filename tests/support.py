@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -161,6 +162,7 @@ def serve_subprocess(
         env=env,
         stdout=output,
         stderr=subprocess.STDOUT if output == subprocess.PIPE else output,
+        start_new_session=True,  # its own process group, so its workers can be stopped with it
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -168,5 +170,10 @@ def serve_subprocess(
         yield process, url
     finally:
         if process.poll() is None:
-            process.kill()
+            process.terminate()  # graceful: with --workers, uvicorn stops its workers too
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=20)
+        # Whatever is left in its session (a worker of a killed supervisor) goes as well.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=20)
