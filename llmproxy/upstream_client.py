@@ -42,6 +42,9 @@ MAX_HEAD_BYTES = 256 * 1024
 _PAUSE_ABOVE = 256 * 1024
 _RESUME_BELOW = 64 * 1024
 
+# What one read may carry past a head that just fits under MAX_HEAD_BYTES (body bytes, say).
+_HEAD_READ_SLACK = 256 * 1024
+
 # Bodies up to this size go out in the same write as the head.
 _COALESCE_BODY_BELOW = 64 * 1024
 
@@ -151,12 +154,14 @@ class _Connection(asyncio.Protocol):
     def _reset_exchange(self) -> None:
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._head_bytes_received = 0  # all bytes before the final head, 1xx heads included
         self._head_waiter: asyncio.Future[UpstreamResponse] | None = None
         self._response: UpstreamResponse | None = None
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._chunk_waiter: asyncio.Future[None] | None = None
         self._complete = False
+        self._keep_alive = False  # the parser's verdict, taken when the message ends
         self._error: UpstreamError | None = None
         self._head_only = False  # a HEAD request: no body, whatever the headers say
         self._ends_at_eof = False  # a body delimited by the connection's close
@@ -176,6 +181,15 @@ class _Connection(asyncio.Protocol):
         if not self._in_exchange:
             self._fail_and_close(ResponseError("the upstream sent bytes outside an exchange"))
             return
+        if self._response is None:
+            # httptools holds a header line until it ends, so `on_header` alone cannot bound
+            # a head that never ends: count every byte that arrives before the final head.
+            self._head_bytes_received += len(data)
+            if self._head_bytes_received > MAX_HEAD_BYTES + _HEAD_READ_SLACK:
+                self._fail_and_close(
+                    ResponseError(f"the response head is over {MAX_HEAD_BYTES} bytes")
+                )
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -225,10 +239,12 @@ class _Connection(asyncio.Protocol):
             return  # informational (100 Continue, 103 Early Hints): the real answer follows
         if self._response is not None:
             raise ResponseError("the upstream sent a second response")
-        response = UpstreamResponse(self, status, self._headers)
+        headers = self._headers
+        self._headers = []  # a chunked body's trailers, if any, go here, not into the response
+        response = UpstreamResponse(self, status, headers)
         self._response = response
         if not self._head_only:
-            self._ends_at_eof = _body_ends_at_eof(status, self._headers)
+            self._ends_at_eof = _body_ends_at_eof(status, headers)
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(response)
@@ -248,6 +264,10 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._response is None:
             return  # the end of an informational response
+        # Asked here, not in `finish`: once the message is over, llhttp has reset its framing
+        # flags and `should_keep_alive()` answers False for every Content-Length or chunked
+        # body (as if it ended at EOF), so such connections were never reused.
+        self._keep_alive = self._parser.should_keep_alive()
         if not self._complete:
             self._message_complete()
 
@@ -307,17 +327,25 @@ class _Connection(asyncio.Protocol):
             and not self._head_only
             and not self._ends_at_eof
             and not self.closed
-            and self._parser.should_keep_alive()
+            and self._keep_alive
         )
         self._in_exchange = False
         self._cancel_timer()
         self._response = None
         if reusable:
+            if self._paused and self._transport is not None:
+                # The body came whole but was left unread: the next exchange must read again.
+                self._paused = False
+                self._transport.resume_reading()
             self._pool.release(self)
         else:
             self.abort()
 
     def abort(self) -> None:
+        if self._in_exchange:
+            # Whoever waits for this exchange's head or body (`UpstreamClient.close()` aborts
+            # busy connections too) must get an error: connection_lost will not settle it.
+            self._fail(ResponseError("the connection to the upstream was closed by the proxy"))
         self._in_exchange = False
         self._cancel_timer()
         self.closed = True
@@ -380,11 +408,19 @@ def _body_ends_at_eof(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
     """Whether a response's body is delimited by the connection's close (RFC 9112 §6.3)."""
     if status in (204, 304):
         return False
-    for name, _ in headers:
+    has_length = False
+    last_coding: bytes | None = None
+    for name, value in headers:
         lowered = name.lower()
-        if lowered in (b"content-length", b"transfer-encoding"):
-            return False
-    return True
+        if lowered == b"transfer-encoding":
+            last_coding = value.rsplit(b",", 1)[-1].strip().lower()
+        elif lowered == b"content-length":
+            has_length = True
+    if last_coding is not None:
+        # Transfer-Encoding overrides Content-Length; unless chunked is the final coding, the
+        # close ends the body (llhttp frames it so too).
+        return last_coding != b"chunked"
+    return not has_length
 
 
 class _Pool:
@@ -410,13 +446,27 @@ class _Pool:
             connection.abort()
         return None
 
-    async def reserve(self) -> None:
-        """Wait for room for one more connection."""
+    async def reserve(self, origin: Origin) -> _Connection | None:
+        """Room for one more connection (None), or an idle one to `origin` freed meanwhile."""
         while self.open >= self._max_connections:
-            waiter = asyncio.get_running_loop().create_future()
+            # Idle connections count against the bound: close one (to any origin) to make
+            # room rather than wait for it to expire.
+            if self._evict_idle():
+                continue
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
-            await waiter
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, then cancelled before running: pass the turn on
+                raise
+            # Woken by a release: the connection that came back may be one to this origin.
+            connection = self.take_idle(origin, time.monotonic())
+            if connection is not None:
+                return connection
         self.open += 1
+        return None
 
     def opened(self, connection: _Connection, origin: Origin) -> None:
         self._origins[connection] = origin
@@ -435,6 +485,20 @@ class _Pool:
         self._idle.setdefault(origin, collections.deque()).append(connection)
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._keepalive, self._sweep)
+        self._wake_one()  # a request waiting for room can take this one, or close it for room
+
+    def _evict_idle(self) -> bool:
+        """Close the connection idle for longest, whatever its origin; False if none is idle."""
+        oldest: collections.deque[_Connection] | None = None
+        for idle in self._idle.values():
+            while idle and idle[0].closed:
+                idle.popleft()
+            if idle and (oldest is None or idle[0].idle_since < oldest[0].idle_since):
+                oldest = idle
+        if oldest is None:
+            return False
+        oldest.popleft().abort()
+        return True
 
     def forget(self, connection: _Connection) -> None:
         if self._origins.pop(connection, None) is not None:
@@ -515,7 +579,9 @@ class UpstreamClient:
         return await connection.send(head, body, method == "HEAD")
 
     async def _connect(self, origin: Origin) -> _Connection:
-        await self._pool.reserve()
+        idle = await self._pool.reserve(origin)
+        if idle is not None:
+            return idle  # came back to the pool while this request waited for room
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):

@@ -1,0 +1,1041 @@
+"""The upstream HTTP/1.1 client on its own, against raw TCP upstreams whose bytes each test scripts.
+
+Everything runs over real loopback sockets. Nothing sleeps for luck: tests wait on events with
+deadlines, or poll a condition with a deadline (`eventually`); the only sleeps are an upstream's
+scripted pacing and one deliberate blocking of the event loop, each commented where it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+
+from llmproxy import upstream_client
+from llmproxy.upstream_client import (
+    MAX_HEAD_BYTES,
+    ConnectFailedError,
+    ConnectTimeoutError,
+    Origin,
+    ReadTimeoutError,
+    ResponseError,
+    UpstreamClient,
+    UpstreamResponse,
+)
+from tests.support import free_port, raw_tcp_upstream, read_request_head
+
+DEADLINE = 5.0
+
+# Longer than DEADLINE, so that a client that hangs fails a test's deadline instead of ending in
+# a ReadTimeoutError, and an idle connection is not closed by the pool's sweep, unless a test
+# sets these itself: neither may pass for the behaviour under test.
+PATIENT_READ_TIMEOUT = 4 * DEADLINE
+PATIENT_KEEPALIVE = 12 * DEADLINE
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+ClientFactory = Callable[..., UpstreamClient]
+
+
+class Upstream:
+    """What the scripted upstream saw: connections accepted and connections ended."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.ended = 0
+
+
+@contextlib.asynccontextmanager
+async def scripted(handler: Handler) -> AsyncIterator[tuple[Origin, Upstream]]:
+    """A raw TCP upstream running `handler` on each connection, and what it saw.
+
+    On exit it closes the connections still open and waits for their handlers, so that none is
+    left pending when the test's event loop closes.
+    """
+    upstream = Upstream()
+    handlers: set[asyncio.Task[Any]] = set()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream.accepted += 1
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        writers.append(writer)
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away: several tests make it do exactly that
+        finally:
+            upstream.ended += 1
+            writer.close()
+
+    async with raw_tcp_upstream(on_connection) as url:
+        try:
+            yield Origin.from_url(url), upstream
+        finally:
+            for writer in writers:
+                writer.transport.abort()  # a handler waiting for the client's EOF gets one now
+            if handlers:
+                _, pending = await asyncio.wait(handlers, timeout=DEADLINE)
+                for task in pending:  # a handler stuck on the test's own events
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def until_eof(reader: asyncio.StreamReader) -> None:
+    """Wait for the client to close the connection (a reset counts as a close)."""
+    with contextlib.suppress(ConnectionError):
+        while await reader.read(65536):
+            pass
+
+
+def answer_each(response: bytes) -> Handler:
+    """An upstream answering every request on a connection with `response`, until EOF."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request_head(reader)
+            writer.write(response)
+            await writer.drain()
+
+    return handler
+
+
+async def eventually(condition: Callable[[], object], deadline: float = DEADLINE) -> None:
+    """Poll `condition` until it holds; fail if it does not within `deadline` seconds."""
+    async with asyncio.timeout(deadline):
+        while not condition():  # noqa: ASYNC110 - polls state that no event signals
+            await asyncio.sleep(0.005)
+
+
+async def fetch(
+    client: UpstreamClient,
+    origin: Origin,
+    method: str = "GET",
+    target: str = "/",
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
+) -> UpstreamResponse:
+    async with asyncio.timeout(DEADLINE):
+        return await client.request(origin, method, target, list(headers), body)
+
+
+async def read_body(response: UpstreamResponse, into: list[bytes] | None = None) -> bytes:
+    """The rest of the body; `into` collects the chunks even if reading ends in an error."""
+    chunks = [] if into is None else into
+    async with asyncio.timeout(DEADLINE):
+        async for chunk in response:
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def internals(response: UpstreamResponse) -> Any:
+    """The connection under a response: back-pressure is only visible there."""
+    return response._connection
+
+
+@pytest.fixture
+async def make_client() -> AsyncIterator[ClientFactory]:
+    """`make_client(**options)`: an UpstreamClient with patient defaults, closed after the test."""
+    made: list[UpstreamClient] = []
+
+    def make(**options: Any) -> UpstreamClient:
+        options.setdefault("connect_timeout", DEADLINE)
+        options.setdefault("read_timeout", PATIENT_READ_TIMEOUT)
+        options.setdefault("keepalive", PATIENT_KEEPALIVE)
+        client = UpstreamClient(**options)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.close()
+
+
+# -- origins -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://example.com/v1", Origin("http", "example.com", 80, "example.com")),
+        ("http://example.com:8080/v1", Origin("http", "example.com", 8080, "example.com:8080")),
+        ("https://api.example.com/v1", Origin("https", "api.example.com", 443, "api.example.com")),
+        (
+            "https://api.example.com:80/",
+            Origin("https", "api.example.com", 80, "api.example.com:80"),
+        ),
+        ("http://[::1]:9000/v1", Origin("http", "::1", 9000, "[::1]:9000")),
+        ("https://[::1]/v1", Origin("https", "::1", 443, "[::1]")),
+    ],
+)
+def test_origin_from_url_shows_the_port_in_host_only_when_not_the_default(
+    url: str, expected: Origin
+) -> None:
+    assert Origin.from_url(url) == expected
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/", "example.com/v1", "http:///v1"])
+def test_origin_from_url_refuses_what_is_not_an_http_url(url: str) -> None:
+    with pytest.raises(ValueError, match="not an http"):
+        Origin.from_url(url)
+
+
+# -- 1. bodies and the request on the wire -----------------------------------------------------
+
+
+async def test_a_content_length_body_is_read_whole(make_client: ClientFactory) -> None:
+    async with scripted(
+        answer_each(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-Answer: 42\r\n\r\nhello world")
+    ) as (origin, _):
+        client = make_client()
+        response = await fetch(client, origin)
+        assert response.status == 200
+        assert response.raw_headers == [(b"Content-Length", b"11"), (b"X-Answer", b"42")]
+        assert response.header(b"x-answer") == b"42"
+        assert response.headers_as_text() == {"content-length": "11", "x-answer": "42"}
+        assert await read_body(response) == b"hello world"
+        assert await response.read_chunk() == b""  # and stays ended
+        response.close()
+
+
+async def test_a_chunked_body_arriving_in_separate_writes_is_de_chunked(
+    make_client: ClientFactory,
+) -> None:
+    pieces = [b"alpha", b"beta-beta", b"gamma" * 20]
+    go: asyncio.Queue[None] = asyncio.Queue()  # the test lets each write out in turn
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        for number, piece in enumerate(pieces):
+            await go.get()
+            extension = b";name=value" if number == 1 else b""  # chunk extensions are not body
+            writer.write(b"%x%s\r\n%s\r\n" % (len(piece), extension, piece))
+            await writer.drain()
+        await go.get()
+        writer.write(b"0\r\nX-Trailer: not body\r\n\r\n")
+        await writer.drain()
+        await until_eof(reader)
+
+    async with scripted(handler) as (origin, _):
+        client = make_client()
+        response = await fetch(client, origin)
+        assert response.header(b"transfer-encoding") == b"chunked"
+        received = []
+        for _ in pieces:
+            go.put_nowait(None)
+            async with asyncio.timeout(DEADLINE):
+                received.append(await response.read_chunk())
+        go.put_nowait(None)
+        async with asyncio.timeout(DEADLINE):
+            assert await response.read_chunk() == b""
+        assert received == pieces
+        assert response.raw_headers == [(b"Transfer-Encoding", b"chunked")]  # no trailer joined
+        response.close()
+        assert client.pool_counts() == (0, 1)  # a whole chunked body leaves a reusable connection
+
+
+def _content_length(head: bytes) -> int:
+    found = re.search(rb"\r\ncontent-length: *(\d+)\r\n", head, re.IGNORECASE)
+    return int(found.group(1)) if found else 0
+
+
+async def test_the_request_goes_out_byte_for_byte(make_client: ClientFactory) -> None:
+    requests: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            requests.append(head + await reader.readexactly(_content_length(head)))
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+
+    big_body = bytes(range(256)) * 400  # over the size sent in the same write as the head
+    async with scripted(handler) as (origin, upstream):
+        host = f"127.0.0.1:{origin.port}".encode()
+        assert origin.host_header == host.decode()
+        cases: list[tuple[str, str, list[tuple[str, str]], bytes, bytes]] = [
+            (
+                "POST",
+                "/v1/chat/completions?a=1&b=%20",
+                [
+                    ("Content-Type", "application/json"),
+                    ("Authorization", "Bearer sk-test"),
+                    ("x-lower", "v"),
+                    ("X-Name", "caf\u00e9"),
+                ],
+                b'{"model":"m"}',
+                b"POST /v1/chat/completions?a=1&b=%20 HTTP/1.1\r\nHost: " + host + b"\r\n"
+                b"Content-Type: application/json\r\nAuthorization: Bearer sk-test\r\n"
+                b"x-lower: v\r\nX-Name: caf\xc3\xa9\r\nContent-Length: 13\r\n\r\n"
+                b'{"model":"m"}',
+            ),
+            (
+                "POST",
+                "/v1/empty",
+                [],
+                b"",
+                b"POST /v1/empty HTTP/1.1\r\nHost: " + host + b"\r\nContent-Length: 0\r\n\r\n",
+            ),
+            (
+                "GET",
+                "/v1/models",
+                [("Accept", "*/*")],
+                b"",
+                b"GET /v1/models HTTP/1.1\r\nHost: " + host + b"\r\nAccept: */*\r\n\r\n",
+            ),
+            (
+                "PUT",
+                "/v1/files/big",
+                [],
+                big_body,
+                b"PUT /v1/files/big HTTP/1.1\r\nHost: " + host + b"\r\n"
+                b"Content-Length: 102400\r\n\r\n" + big_body,
+            ),
+        ]
+        client = make_client()
+        for method, target, headers, body, _ in cases:
+            response = await fetch(client, origin, method, target, headers, body)
+            assert response.status == 204
+            assert await read_body(response) == b""
+            response.close()
+        assert requests == [expected for *_, expected in cases]
+        assert upstream.accepted == 1
+
+
+# -- 2. keep-alive -----------------------------------------------------------------------------
+
+
+async def test_sequential_requests_to_one_origin_share_one_connection(
+    make_client: ClientFactory,
+) -> None:
+    async with scripted(answer_each(OK)) as (origin, upstream):
+        client = make_client()
+        for _ in range(3):
+            response = await fetch(client, origin)
+            assert client.pool_counts() == (1, 0)
+            assert await read_body(response) == b"ok"
+            response.close()
+            assert client.pool_counts() == (0, 1)
+        assert upstream.accepted == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+            id="connection-close",
+        ),
+        pytest.param(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", id="http-1.0"),
+    ],
+)
+async def test_a_connection_the_upstream_will_not_keep_is_not_reused(
+    make_client: ClientFactory, answer: bytes
+) -> None:
+    async with scripted(answer_each(answer)) as (origin, upstream):
+        client = make_client()
+        for _ in range(2):
+            response = await fetch(client, origin)
+            assert await read_body(response) == b"ok"
+            response.close()
+            assert client.pool_counts() == (0, 0)
+        assert upstream.accepted == 2
+        await eventually(lambda: upstream.ended == 2)
+
+
+async def test_closing_a_response_before_its_body_ends_aborts_the_connection(
+    make_client: ClientFactory,
+) -> None:
+    first_gone = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_request_head(reader)
+        if head.startswith(b"GET /partial "):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+            await writer.drain()
+            await until_eof(reader)
+            first_gone.set()
+            return
+        writer.write(OK)
+        await writer.drain()
+        await until_eof(reader)
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client()
+        response = await fetch(client, origin, target="/partial")
+        async with asyncio.timeout(DEADLINE):
+            assert await response.read_chunk() == b"01234"
+        response.close()  # five bytes still to come: the connection cannot carry another request
+        assert client.pool_counts() == (0, 0)
+        async with asyncio.timeout(DEADLINE):
+            await first_gone.wait()
+        second = await fetch(client, origin)
+        assert await read_body(second) == b"ok"
+        second.close()
+        assert upstream.accepted == 2
+
+
+async def test_a_body_received_whole_but_left_unread_while_paused_leaves_a_working_connection(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small stand-in for a large body that arrives whole while the consumer reads nothing
+    # (a retried 503 with a big body, say): any buffered byte pauses reading here.
+    monkeypatch.setattr(upstream_client, "_PAUSE_ABOVE", 0)
+    monkeypatch.setattr(upstream_client, "_RESUME_BELOW", 1)
+    async with scripted(
+        answer_each(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789")
+    ) as (origin, upstream):
+        client = make_client(read_timeout=DEADLINE / 2)
+        first = await fetch(client, origin)
+        connection = internals(first)
+        assert connection._complete  # the situation under test: all in, reading paused
+        assert connection._paused
+        first.close()  # unread, but whole on the wire: the connection may be reused...
+        assert client.pool_counts() == (0, 1)
+        second = await fetch(client, origin)  # ...and must then read again
+        assert await read_body(second) == b"0123456789"
+        second.close()
+        assert upstream.accepted == 1
+
+
+# -- 3. bodies delimited by the connection's close -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n", id="no-length"),
+        pytest.param(b"HTTP/1.0 200 OK\r\n\r\n", id="http-1.0"),
+        # RFC 9112 §6.3: a response whose last transfer coding is not chunked ends at the close.
+        pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n", id="te-identity"),
+    ],
+)
+async def test_a_body_delimited_by_the_close_is_delivered_whole(
+    make_client: ClientFactory, head: bytes
+) -> None:
+    parts = [b"first part, ", b"second part, ", b"last part"]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(head)
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+        # returning closes the connection: that is the body's end
+
+    async with scripted(handler) as (origin, _):
+        client = make_client()
+        response = await fetch(client, origin)
+        assert response.status == 200
+        assert await read_body(response) == b"".join(parts)
+        response.close()
+        assert client.pool_counts() == (0, 0)  # a closed connection is not pooled
+
+
+async def test_a_close_delimited_body_cut_by_a_reset_is_a_response_error(
+    make_client: ClientFactory,
+) -> None:
+    may_reset = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npartial bo")
+        await writer.drain()
+        await may_reset.wait()
+        # Linger 0: closing sends a RST, not the FIN that would end this body cleanly.
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async with scripted(handler) as (origin, _):
+        client = make_client()
+        response = await fetch(client, origin)
+        may_reset.set()
+        received: list[bytes] = []
+        with pytest.raises(ResponseError):
+            await read_body(response, into=received)
+        assert b"partial bo".startswith(b"".join(received))
+        response.close()
+        assert client.pool_counts() == (0, 0)
+
+
+async def test_a_content_length_body_cut_by_the_close_is_a_response_error(
+    make_client: ClientFactory,
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+        await writer.drain()  # and close, five bytes short
+
+    async with scripted(handler) as (origin, _):
+        client = make_client()
+        response = await fetch(client, origin)
+        with pytest.raises(ResponseError, match="mid-body"):
+            await read_body(response)
+        response.close()
+
+
+# -- 4. informational responses ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("separate_writes", [False, True], ids=["one-write", "separate-writes"])
+async def test_informational_responses_before_the_final_one_are_skipped(
+    make_client: ClientFactory, separate_writes: bool
+) -> None:
+    answers = [
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+        b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\nX-Final: yes\r\n\r\nbody",
+    ]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request_head(reader)
+            if separate_writes:
+                for answer in answers:
+                    writer.write(answer)
+                    await writer.drain()
+            else:
+                writer.write(b"".join(answers))
+                await writer.drain()
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client()
+        for _ in range(2):
+            response = await fetch(client, origin, "POST", body=b"{}")
+            assert response.status == 201
+            assert response.raw_headers == [(b"Content-Length", b"4"), (b"X-Final", b"yes")]
+            assert await read_body(response) == b"body"
+            response.close()
+        assert upstream.accepted == 1
+
+
+# -- 5 and 6. responses without a body ---------------------------------------------------------
+
+
+async def test_a_head_response_ends_at_its_head_whatever_its_content_length(
+    make_client: ClientFactory,
+) -> None:
+    requests: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")  # and no body, as HEAD
+        await writer.drain()
+        await until_eof(reader)
+
+    async with scripted(handler) as (origin, _):
+        client = make_client()
+        response = await fetch(client, origin, "HEAD", "/v1/files/x")
+        assert response.status == 200
+        assert response.header(b"content-length") == b"10"
+        assert await read_body(response) == b""  # at once, not after ten bytes that never come
+        response.close()
+    assert requests == [
+        b"HEAD /v1/files/x HTTP/1.1\r\nHost: " + origin.host_header.encode() + b"\r\n\r\n"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        (b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n", 204),
+        (b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n\r\n', 304),
+    ],
+    ids=["204", "304"],
+)
+async def test_204_and_304_end_at_their_head_and_keep_the_connection(
+    make_client: ClientFactory, answer: bytes, status: int
+) -> None:
+    async with scripted(answer_each(answer)) as (origin, upstream):
+        client = make_client()
+        for _ in range(2):
+            response = await fetch(client, origin)
+            assert response.status == status
+            assert await read_body(response) == b""
+            response.close()
+            assert client.pool_counts() == (0, 1)
+        assert upstream.accepted == 1
+
+
+# -- 7. errors ---------------------------------------------------------------------------------
+
+
+async def test_a_refused_connection_is_a_connect_failure_not_a_timeout(
+    make_client: ClientFactory,
+) -> None:
+    client = make_client()
+    origin = Origin.from_url(f"http://127.0.0.1:{free_port()}/v1")
+    with pytest.raises(ConnectFailedError) as caught:
+        await fetch(client, origin)
+    assert not isinstance(caught.value, ConnectTimeoutError)
+    assert client.pool_counts() == (0, 0)
+
+
+@contextlib.contextmanager
+def listener_with_a_full_backlog() -> Iterator[int]:
+    """A port whose accept queue is full: Linux drops further SYNs, so connecting hangs."""
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port: int = listener.getsockname()[1]
+        for _ in range(8):  # a backlog of 0 holds one or two; the rest are left in SYN_SENT
+            filler = socket.socket()
+            fillers.append(filler)
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+async def test_a_connection_not_accepted_in_time_is_a_connect_timeout(
+    make_client: ClientFactory,
+) -> None:
+    # Not a non-routable address such as 10.255.255.1: where outbound connections are
+    # intercepted (as in the sandbox this was written in) it connects at once. A full
+    # backlog on loopback leaves the SYN unanswered wherever Linux runs the test.
+    client = make_client(connect_timeout=0.2)
+    with listener_with_a_full_backlog() as port:
+        started = time.monotonic()
+        with pytest.raises(ConnectTimeoutError):
+            await fetch(client, Origin.from_url(f"http://127.0.0.1:{port}"))
+        elapsed = time.monotonic() - started
+    assert 0.15 <= elapsed <= DEADLINE
+    assert client.pool_counts() == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("answer", "then_close"),
+    [
+        pytest.param(b"", True, id="closed-before-answering"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Le", True, id="head-cut-by-close"),
+        # The upstream keeps these connections open: the client must see the error by itself.
+        pytest.param(b"SSH-2.0-OpenSSH_9.6\r\n\r\n", False, id="not-http"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: many\r\n\r\n", False, id="bad-length"),
+        pytest.param(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n\r\n\x81\x05hello",
+            False,
+            id="upgrade",
+        ),
+    ],
+)
+async def test_an_answer_that_is_not_an_http_response_is_a_response_error(
+    make_client: ClientFactory, answer: bytes, then_close: bool
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(answer)
+        await writer.drain()
+        if not then_close:
+            await until_eof(reader)
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client()
+        with pytest.raises(ResponseError):
+            await fetch(client, origin)
+        assert client.pool_counts() == (0, 0)
+        await eventually(lambda: upstream.ended == 1)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n", id="one-header"
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\n"
+            + b"X-Many: 0123456789abcdef\r\n" * (MAX_HEAD_BYTES // 20)
+            + b"\r\n",
+            id="many-headers",
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nX-Endless: " + b"a" * (4 * MAX_HEAD_BYTES), id="unterminated"
+        ),
+    ],
+)
+async def test_a_response_head_over_the_limit_is_a_response_error(
+    make_client: ClientFactory, head: bytes
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(head)
+        await writer.drain()
+        await until_eof(reader)  # the connection stays open: only the limit can end this
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client()
+        with pytest.raises(ResponseError, match="head"):
+            await fetch(client, origin)
+        assert client.pool_counts() == (0, 0)
+        await eventually(lambda: upstream.ended == 1)
+
+
+# -- 8. read timeouts --------------------------------------------------------------------------
+
+
+async def test_silence_before_the_head_is_a_read_timeout(make_client: ClientFactory) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        await until_eof(reader)
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client(read_timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(ReadTimeoutError):
+            await fetch(client, origin)
+        elapsed = time.monotonic() - started
+        assert 0.25 <= elapsed <= DEADLINE
+        assert client.pool_counts() == (0, 0)
+        await eventually(lambda: upstream.ended == 1)
+
+
+async def test_silence_mid_body_is_a_read_timeout(make_client: ClientFactory) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+        await writer.drain()
+        await until_eof(reader)
+
+    async with scripted(handler) as (origin, _):
+        client = make_client(read_timeout=0.3)
+        response = await fetch(client, origin)
+        async with asyncio.timeout(DEADLINE):
+            assert await response.read_chunk() == b"01234"
+        started = time.monotonic()
+        with pytest.raises(ReadTimeoutError):
+            async with asyncio.timeout(DEADLINE):
+                await response.read_chunk()
+        assert 0.2 <= time.monotonic() - started <= DEADLINE
+        response.close()
+        assert client.pool_counts() == (0, 0)
+
+
+async def test_the_read_timeout_is_between_bytes_not_for_the_whole_body(
+    make_client: ClientFactory,
+) -> None:
+    read_timeout = 0.6
+    pieces = [b"piece %d;" % n for n in range(6)]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        for piece in pieces:
+            await asyncio.sleep(0.15)  # the upstream's scripted pace, well within the timeout
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await until_eof(reader)
+
+    async with scripted(handler) as (origin, _):
+        client = make_client(read_timeout=read_timeout)
+        started = time.monotonic()
+        response = await fetch(client, origin)
+        assert await read_body(response) == b"".join(pieces)
+        assert time.monotonic() - started > read_timeout  # longer in all than the timeout
+        response.close()
+
+
+# -- 9. back-pressure --------------------------------------------------------------------------
+
+
+async def test_a_consumer_that_does_not_read_pauses_the_upstream(
+    make_client: ClientFactory,
+) -> None:
+    # Larger than what the loopback socket buffers of both ends can hold, so the upstream's
+    # drain() can only finish if the client keeps reading.
+    body = bytes(range(256)) * (64 * 1024)  # 16 MiB
+    drained = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+        writer.write(body)
+        await writer.drain()
+        drained.set()
+        await until_eof(reader)
+
+    async with scripted(handler) as (origin, _):
+        # The pause below outlasts the read timeout: a paused read is not the upstream's silence.
+        client = make_client(read_timeout=0.5)
+        response = await fetch(client, origin)
+        connection = internals(response)
+        await eventually(lambda: connection._paused)
+        with pytest.raises(TimeoutError):  # the upstream stays blocked while nobody reads
+            async with asyncio.timeout(0.8):
+                await drained.wait()
+        assert connection._paused
+        assert connection._buffered < 1024 * 1024
+        assert await read_body(response) == body
+        assert drained.is_set()
+        response.close()
+        assert client.pool_counts() == (0, 1)
+
+
+# -- 10. the bound on connections --------------------------------------------------------------
+
+
+def _partial_or_ok() -> Handler:
+    """`GET /partial` gets half a body and then silence; anything else gets `OK`."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request_head(reader)
+            if head.startswith(b"GET /partial "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+                await writer.drain()
+                await until_eof(reader)
+                return
+            writer.write(OK)
+            await writer.drain()
+
+    return handler
+
+
+@pytest.mark.parametrize("first_read_whole", [True, False], ids=["read-whole", "closed-early"])
+async def test_a_full_pool_makes_the_next_request_wait_for_the_connection(
+    make_client: ClientFactory, first_read_whole: bool
+) -> None:
+    async with scripted(_partial_or_ok()) as (origin, upstream):
+        client = make_client(max_connections=1)
+        first = await fetch(client, origin, target="/" if first_read_whole else "/partial")
+        second = asyncio.create_task(fetch(client, origin))
+        await eventually(lambda: client._pool._waiters)  # the second is queued for room
+        assert not second.done()
+        assert upstream.accepted == 1
+        assert client.pool_counts() == (1, 0)
+        if first_read_whole:
+            assert await read_body(first) == b"ok"
+        first.close()
+        response = await second
+        assert await read_body(response) == b"ok"
+        response.close()
+        assert client.pool_counts() == (0, 1)
+        # The idle connection is handed over when it can be; an aborted one is replaced.
+        assert upstream.accepted == (1 if first_read_whole else 2)
+
+
+async def test_a_queued_request_cancelled_as_it_is_woken_passes_its_turn_on(
+    make_client: ClientFactory,
+) -> None:
+    async with scripted(_partial_or_ok()) as (origin, _):
+        client = make_client(max_connections=1)
+        first = await fetch(client, origin, target="/partial")
+        cancelled = asyncio.create_task(fetch(client, origin))
+        await eventually(lambda: len(client._pool._waiters) == 1)
+        patient = asyncio.create_task(fetch(client, origin))
+        await eventually(lambda: len(client._pool._waiters) == 2)
+        first.close()  # wakes the first in the queue...
+        cancelled.cancel()  # ...which is cancelled before it runs
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        response = await patient
+        assert await read_body(response) == b"ok"
+        response.close()
+        assert client.pool_counts() == (0, 1)
+
+
+async def test_a_full_pool_of_idle_connections_to_other_origins_does_not_block(
+    make_client: ClientFactory,
+) -> None:
+    async with scripted(answer_each(OK)) as (one, _), scripted(answer_each(OK)) as (other, _):
+        client = make_client(max_connections=1)
+        response = await fetch(client, one)
+        assert await read_body(response) == b"ok"
+        response.close()
+        assert client.pool_counts() == (0, 1)
+        response = await fetch(client, other)  # the idle one to `one` makes room
+        assert await read_body(response) == b"ok"
+        response.close()
+        assert client.pool_counts() == (0, 1)
+
+
+# -- 11 and 12. idle connections ---------------------------------------------------------------
+
+
+async def test_a_connection_idle_past_the_keepalive_is_closed_not_reused(
+    make_client: ClientFactory,
+) -> None:
+    async with scripted(answer_each(OK)) as (origin, upstream):
+        client = make_client(keepalive=0.2)
+        assert client.pool_counts() == (0, 0)
+        response = await fetch(client, origin)
+        assert client.pool_counts() == (1, 0)
+        assert await read_body(response) == b"ok"
+        response.close()
+        idle_from = time.monotonic()
+        assert client.pool_counts() == (0, 1)
+        await eventually(lambda: upstream.ended == 1)  # the client closed it, idle too long
+        assert time.monotonic() - idle_from >= 0.15
+        assert client.pool_counts() == (0, 0)
+        response = await fetch(client, origin)
+        assert client.pool_counts() == (1, 0)
+        assert await read_body(response) == b"ok"
+        response.close()
+        assert client.pool_counts() == (0, 1)
+        assert upstream.accepted == 2
+
+
+async def test_an_expired_idle_connection_is_not_handed_out_before_the_sweep(
+    make_client: ClientFactory,
+) -> None:
+    async with scripted(answer_each(OK)) as (origin, upstream):
+        client = make_client(keepalive=0.2)
+        response = await fetch(client, origin)
+        assert await read_body(response) == b"ok"
+        response.close()
+        # Blocking the event loop on purpose: the pool's sweep cannot run, so only the check
+        # made when a connection is taken stands between this request and a stale connection.
+        time.sleep(0.3)  # noqa: ASYNC251
+        response = await fetch(client, origin)
+        assert await read_body(response) == b"ok"
+        response.close()
+        assert upstream.accepted == 2
+        assert client.pool_counts() == (0, 1)
+
+
+async def test_a_pooled_connection_the_upstream_closed_is_not_handed_out(
+    make_client: ClientFactory,
+) -> None:
+    may_close = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(OK)  # keep-alive, as far as the client can tell
+        await writer.drain()
+        if upstream.accepted == 1:
+            await may_close.wait()
+            return  # closes the connection while it sits idle in the pool
+        await until_eof(reader)
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client()
+        response = await fetch(client, origin)
+        assert await read_body(response) == b"ok"
+        response.close()
+        assert client.pool_counts() == (0, 1)
+        may_close.set()
+        await eventually(lambda: client.pool_counts() == (0, 0))  # the client saw the close
+        response = await fetch(client, origin)
+        assert await read_body(response) == b"ok"
+        response.close()
+        assert upstream.accepted == 2
+
+
+async def test_bytes_from_the_upstream_between_exchanges_close_the_connection(
+    make_client: ClientFactory,
+) -> None:
+    may_send = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(OK)
+        await writer.drain()
+        await may_send.wait()
+        writer.write(OK)  # an answer to no request
+        await writer.drain()
+        await until_eof(reader)
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client()
+        response = await fetch(client, origin)
+        assert await read_body(response) == b"ok"
+        response.close()
+        assert client.pool_counts() == (0, 1)
+        may_send.set()
+        await eventually(lambda: upstream.ended == 1)
+        assert client.pool_counts() == (0, 0)
+
+
+# -- 13 and 14. closing the client, cancelling a request ---------------------------------------
+
+
+async def test_closing_the_client_aborts_idle_and_busy_connections(
+    make_client: ClientFactory,
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request_head(reader)
+            if head.startswith(b"GET /idle "):
+                writer.write(OK)
+                await writer.drain()
+                continue
+            if head.startswith(b"GET /mid-body "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+                await writer.drain()
+            await until_eof(reader)  # /silent gets nothing
+            return
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client()
+        mid_body = await fetch(client, origin, target="/mid-body")
+        async with asyncio.timeout(DEADLINE):
+            assert await mid_body.read_chunk() == b"01234"
+        awaiting_head = asyncio.create_task(fetch(client, origin, target="/silent"))
+        await eventually(lambda: upstream.accepted == 2)
+        idle = await fetch(client, origin, target="/idle")  # a third connection: two are busy
+        assert await read_body(idle) == b"ok"
+        idle.close()
+        assert upstream.accepted == 3
+        assert client.pool_counts() == (2, 1)
+        awaiting_body = asyncio.create_task(mid_body.read_chunk())
+
+        await client.close()
+
+        assert client.pool_counts() == (0, 0)
+        await eventually(lambda: upstream.ended == 3)
+        # Those waiting on a connection learn it is gone rather than wait forever.
+        with pytest.raises(ResponseError):
+            await asyncio.wait_for(awaiting_body, DEADLINE)
+        with pytest.raises(ResponseError):
+            await asyncio.wait_for(awaiting_head, DEADLINE)
+        mid_body.close()
+        with pytest.raises(ConnectFailedError):
+            await fetch(client, origin)
+        assert upstream.accepted == 3
+
+
+async def test_cancelling_a_request_awaiting_its_head_closes_the_connection(
+    make_client: ClientFactory,
+) -> None:
+    request_seen = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        request_seen.set()
+        await until_eof(reader)  # never answers
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client()
+        task = asyncio.create_task(fetch(client, origin, "POST", "/v1/chat/completions"))
+        async with asyncio.timeout(DEADLINE):
+            await request_seen.wait()
+        assert client.pool_counts() == (1, 0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await eventually(lambda: upstream.ended == 1)  # the upstream saw the connection close
+        assert client.pool_counts() == (0, 0)
