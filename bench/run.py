@@ -509,7 +509,17 @@ def measure_workers(rig: Rig, workers: int) -> dict[str, Any]:
     url = f"http://127.0.0.1:{proxy.port}{PLAIN_PATH}"
     try:
         generate(rig.machine, url, LOAD_CONNECTIONS, rig.settings.warmup, cpu=None)
+        proxy_before = cpu_seconds(proxy.proc.pid)
+        upstream_before = cpu_seconds(rig.upstream_pid)
+        started = time.perf_counter()
         result = generate(rig.machine, url, LOAD_CONNECTIONS, rig.settings.duration, cpu=None)
+        wall = time.perf_counter() - started
+        # Where the machine's CPUs went: with 2 CPUs shared by the workers, the upstream and the
+        # load generator, the sum says whether the machine, not the proxy, was the limit.
+        result["proxy_cpu_pct"] = round(100 * (cpu_seconds(proxy.proc.pid) - proxy_before) / wall)
+        result["upstream_cpu_pct"] = round(
+            100 * (cpu_seconds(rig.upstream_pid) - upstream_before) / wall
+        )
     finally:
         rig.procs.stop(proxy.proc)
     result.update(workers=workers, startup_s=proxy.startup_s)
@@ -698,9 +708,20 @@ def summarize(data: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "rps_2": two,
             "ratio": median(ratios),
             "generator_cpu_pct": median(r["generator_cpu_pct"] for r in worker_rows),
+            "cpu_pct_1": _cpu_split(worker_rows, 1),
+            "cpu_pct_2": _cpu_split(worker_rows, 2),
             "errors": sum(r.get("non2xx", 0) + r.get("errors", 0) for r in worker_rows),
         }
     return {"targets": targets, "within_round": within, "slow": slow, "workers": workers}
+
+
+def _cpu_split(rows: list[dict[str, Any]], workers: int) -> dict[str, float | None]:
+    """Median CPU % of the proxy's processes, the upstream and the generator at N workers."""
+    mine = [r for r in rows if r["workers"] == workers]
+    return {
+        key: median(r.get(f"{key}_cpu_pct") for r in mine if r.get(f"{key}_cpu_pct") is not None)
+        for key in ("proxy", "upstream", "generator")
+    }
 
 
 def limits(summary: dict[str, Any], pinned: bool = True) -> list[str]:
@@ -728,6 +749,18 @@ def limits(summary: dict[str, Any], pinned: bool = True) -> list[str]:
                     "this req/s is a lower bound"
                 )
     workers = summary.get("workers") or {}
+    two = workers.get("cpu_pct_2") or {}
+    if all(two.get(key) is not None for key in ("proxy", "upstream", "generator")):
+        total = two["proxy"] + two["upstream"] + two["generator"]
+        cpus = len(os.sched_getaffinity(0))
+        if total >= 0.9 * 100 * cpus:
+            notes.append(
+                f"--workers 2: the workers ({two['proxy']:.0f}%), the upstream "
+                f"({two['upstream']:.0f}%) and the load generator ({two['generator']:.0f}%) "
+                f"used {total:.0f}% of the machine's {100 * cpus}%: the machine, not the proxy, "
+                "was the limit (the cheaper a request is through the proxy, the larger the "
+                "share the upstream and the generator take)"
+            )
     if (workers.get("generator_cpu_pct") or 0) >= GENERATOR_LIMIT_PCT:
         notes.append(
             f"--workers: the load generator ran at {workers['generator_cpu_pct']:.0f}% CPU, "

@@ -143,3 +143,17 @@ def test_percentile() -> None:
     assert loadgen.percentile(values, 0.5) == 50.0
     assert loadgen.percentile(values, 0.99) == 99.0
     assert loadgen.percentile([], 0.5) is None
+
+
+def test_a_saturated_machine_is_named_as_the_limit_of_the_workers_figure(run: ModuleType) -> None:
+    cpus = len(run.os.sched_getaffinity(0))
+    busy = {"proxy": 75.0 * cpus, "upstream": 10.0 * cpus, "generator": 10.0 * cpus}
+    idle = {"proxy": 40.0 * cpus, "upstream": 5.0 * cpus, "generator": 5.0 * cpus}
+    notes = run.limits({"targets": {}, "workers": {"cpu_pct_2": busy}})
+    assert any("the machine, not the proxy, was the limit" in note for note in notes)
+    assert run.limits({"targets": {}, "workers": {"cpu_pct_2": idle}}) == []
+
+
+def test_the_instructions_script_imports() -> None:
+    module = _load("instructions")
+    assert callable(module.instructions_per_request)
