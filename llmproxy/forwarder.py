@@ -42,6 +42,7 @@ from llmproxy.upstream_client import (
     ConnectTimeoutError,
     Origin,
     ReadTimeoutError,
+    UnsendableRequestError,
     UpstreamClient,
     UpstreamError,
     UpstreamResponse,
@@ -200,8 +201,8 @@ class Forwarder:
             except asyncio.CancelledError:
                 if not exchange.client_gone:
                     raise
-                # Our own watcher cancelled us: the client left; leaving the `async with` of
-                # the upstream response closed its connection, so the upstream stops generating.
+                # Cancelled because the client left (see `_Exchange.client_left`): the attempt's
+                # `finally` aborted the upstream connection, so the upstream stops generating.
                 task.uncancel()
                 record.ending = CLIENT_DISCONNECT
             finally:
@@ -244,6 +245,9 @@ class Forwarder:
                     merge_upstream_headers(client_headers, route.headers),
                     body,
                 )
+            except UnsendableRequestError:
+                await self._refuse(send, errors.INVALID_HEADER, exchange)
+                return
             except UpstreamError as error:
                 outcome = (
                     AttemptOutcome.connect_failed()

@@ -69,6 +69,14 @@ class ResponseError(UpstreamError):
     """The connection broke, or the upstream's answer was not valid HTTP/1.1."""
 
 
+class UnsendableRequestError(UpstreamError):
+    """A header or the target holds a line break, so the request cannot be written safely.
+
+    The server's parser and the configuration already refuse such values; this is the last
+    guard before bytes go out, since a line break in a value would smuggle a header or request.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class Origin:
     """Where requests go: scheme, host and port, and the `Host` header they carry."""
@@ -572,7 +580,11 @@ class UpstreamClient:
         if body or method not in _NO_BODY_METHODS:
             lines.append(f"Content-Length: {len(body)}\r\n")
         lines.append("\r\n")
-        head = "".join(lines).encode("utf-8")  # values came in as UTF-8: the same bytes go out
+        text = "".join(lines)
+        # Exactly one line break per line written: the request line, Host, each header, the end.
+        if text.count("\n") != len(lines) + 1 or text.count("\r") != len(lines) + 1:
+            raise UnsendableRequestError("a request header or the target holds a line break")
+        head = text.encode("utf-8")  # values came in as UTF-8: the same bytes go out
         connection = self._pool.take_idle(origin, time.monotonic())
         if connection is None:
             connection = await self._connect(origin)

@@ -10,6 +10,8 @@ import asyncio
 import gzip
 import hashlib
 import json
+from collections.abc import MutableMapping
+from typing import Any
 
 import httpx
 import pytest
@@ -20,6 +22,7 @@ from tests.inprocess.conftest import ProxyFactory, echo
 from tests.support import (
     ThrowawayUpstream,
     free_port,
+    lifespan,
     proxy_app,
     raw_tcp_upstream,
     read_request_head,
@@ -365,3 +368,31 @@ async def test_before_start_up_readyz_and_v1_answer_503_not_ready() -> None:
     assert readyz.status_code == 503
     assert forwarded.status_code == 503
     assert forwarded.json()["error"]["code"] == "proxy_not_ready"
+
+
+async def test_a_header_with_a_line_break_reaching_the_forwarder_gets_400_not_a_write(
+    upstream: ThrowawayUpstream,
+) -> None:
+    # Servers' parsers refuse such values; under one that did not, nothing must reach the wire.
+    configuration = Configuration(upstream_urls=(f"{upstream.url}/v1",))
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> MutableMapping[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "headers": [(b"content-length", b"2"), (b"x-a", b"1\r\nx-injected: 1")],
+    }
+    async with lifespan(proxy_app(configuration)) as app:
+        await app(scope, receive, send)
+    assert sent[0]["status"] == 400
+    assert b"invalid_header" in sent[1]["body"]
+    assert upstream.requests == []

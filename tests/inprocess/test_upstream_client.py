@@ -26,6 +26,7 @@ from llmproxy.upstream_client import (
     Origin,
     ReadTimeoutError,
     ResponseError,
+    UnsendableRequestError,
     UpstreamClient,
     UpstreamResponse,
 )
@@ -1039,3 +1040,28 @@ async def test_cancelling_a_request_awaiting_its_head_closes_the_connection(
             await task
         await eventually(lambda: upstream.ended == 1)  # the upstream saw the connection close
         assert client.pool_counts() == (0, 0)
+
+
+# -- what is never written ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "headers"),
+    [
+        ("/", [("x-a", "1\r\nx-injected: 1")]),
+        ("/", [("x-a", "bare\nline feed")]),
+        ("/", [("x-a", "bare\rcarriage return")]),
+        ("/ HTTP/1.1\r\nx-injected: 1\r\nx-b:", []),
+    ],
+)
+async def test_a_line_break_in_a_header_or_the_target_is_never_written(
+    make_client: ClientFactory, target: str, headers: list[tuple[str, str]]
+) -> None:
+    async with scripted(answer_each(OK)) as (origin, upstream):
+        client = make_client()
+        with pytest.raises(UnsendableRequestError):
+            await fetch(client, origin, "POST", target, headers, b"{}")
+        assert upstream.accepted == 0  # refused before any connection was made
+        response = await fetch(client, origin, "POST", "/", [("x-a", "fine")], b"{}")
+        assert await read_body(response) == b"ok"
+        response.close()
