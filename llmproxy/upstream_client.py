@@ -626,6 +626,11 @@ class UpstreamClient:
         # uvloop may call `connection_made` only after create_connection has returned.
         connection.connection_made(transport)
         self._pool.opened(connection, origin)
+        if self._closed or connection.closed:
+            # The client was closed while this connection was being made, or the upstream
+            # closed it at once: nobody would ever release or notice it.
+            connection.abort()
+            raise ConnectFailedError(f"the connection to {origin.host_header} closed at once")
         return connection
 
     def pool_counts(self) -> tuple[int, int]:

@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import re
 import socket
+import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
+import trustme
 
 from llmproxy import upstream_client
 from llmproxy.upstream_client import (
@@ -1065,3 +1067,90 @@ async def test_a_line_break_in_a_header_or_the_target_is_never_written(
         response = await fetch(client, origin, "POST", "/", [("x-a", "fine")], b"{}")
         assert await read_body(response) == b"ok"
         response.close()
+
+
+# -- TLS -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate_authority() -> trustme.CA:
+    return trustme.CA()
+
+
+@contextlib.asynccontextmanager
+async def tls_upstream(ca: trustme.CA) -> AsyncIterator[tuple[Origin, Upstream]]:
+    """An upstream on 127.0.0.1 speaking TLS with a certificate `ca` issued for that address."""
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    seen = Upstream()
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.accepted += 1
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            while True:
+                await read_request_head(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                writer.write(b"3\r\ntls\r\n0\r\n\r\n")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(on_connection, "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield Origin("https", "127.0.0.1", port, f"127.0.0.1:{port}"), seen
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), timeout=DEADLINE)
+
+
+async def test_https_upstream_answers_over_tls_and_keeps_the_connection(
+    make_client: ClientFactory, certificate_authority: trustme.CA
+) -> None:
+    trusting = ssl.create_default_context()
+    certificate_authority.configure_trust(trusting)
+    async with tls_upstream(certificate_authority) as (origin, upstream):
+        client = make_client(ssl_context=trusting)
+        for _ in range(2):
+            response = await fetch(client, origin, "POST", "/v1/x", [], b"{}")
+            assert response.status == 200
+            assert await read_body(response) == b"tls"
+            response.close()
+        assert upstream.accepted == 1
+
+
+async def test_an_upstream_certificate_nobody_trusts_is_a_connect_failure(
+    make_client: ClientFactory, certificate_authority: trustme.CA
+) -> None:
+    async with tls_upstream(certificate_authority) as (origin, _):
+        client = make_client()  # the system's trust store, which does not know this CA
+        with pytest.raises(ConnectFailedError, match="certificate"):
+            await fetch(client, origin)
+
+
+async def test_a_connection_made_while_the_client_closes_is_dropped_not_used(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    connect = loop.create_connection
+    connected = asyncio.Event()
+    proceed = asyncio.Event()
+
+    async def connect_then_hold(*args: Any, **kwargs: Any) -> Any:
+        made = await connect(*args, **kwargs)
+        connected.set()
+        await proceed.wait()  # the client closes while the connection is being made
+        return made
+
+    monkeypatch.setattr(loop, "create_connection", connect_then_hold)
+    async with scripted(answer_each(OK)) as (origin, upstream):
+        client = make_client()
+        request = asyncio.create_task(fetch(client, origin))
+        async with asyncio.timeout(DEADLINE):
+            await connected.wait()
+        await client.close()
+        proceed.set()
+        with pytest.raises(ConnectFailedError):
+            await request
+        await eventually(lambda: upstream.ended == upstream.accepted == 1)
+        assert client.pool_counts() == (0, 0)
