@@ -141,6 +141,15 @@ async def read_body(response: UpstreamResponse, into: list[bytes] | None = None)
     return b"".join(chunks)
 
 
+async def fetch_whole(client: UpstreamClient, origin: Origin) -> bytes:
+    """GET / and its whole body; the response is closed, so a kept connection goes back idle."""
+    response = await fetch(client, origin)
+    try:
+        return await read_body(response)
+    finally:
+        response.close()
+
+
 def internals(response: UpstreamResponse) -> Any:
     """The connection under a response: back-pressure is only visible there."""
     return response._connection
@@ -350,9 +359,7 @@ async def test_a_connection_the_upstream_will_not_keep_is_not_reused(
     async with scripted(answer_each(answer)) as (origin, upstream):
         client = make_client()
         for _ in range(2):
-            response = await fetch(client, origin)
-            assert await read_body(response) == b"ok"
-            response.close()
+            assert await fetch_whole(client, origin) == b"ok"
             assert client.pool_counts() == (0, 0)
         assert upstream.accepted == 2
         await eventually(lambda: upstream.ended == 2)
@@ -907,15 +914,11 @@ async def test_an_expired_idle_connection_is_not_handed_out_before_the_sweep(
 ) -> None:
     async with scripted(answer_each(OK)) as (origin, upstream):
         client = make_client(keepalive=0.2)
-        response = await fetch(client, origin)
-        assert await read_body(response) == b"ok"
-        response.close()
+        assert await fetch_whole(client, origin) == b"ok"
         # Blocking the event loop on purpose: the pool's sweep cannot run, so only the check
         # made when a connection is taken stands between this request and a stale connection.
         time.sleep(0.3)  # noqa: ASYNC251
-        response = await fetch(client, origin)
-        assert await read_body(response) == b"ok"
-        response.close()
+        assert await fetch_whole(client, origin) == b"ok"
         assert upstream.accepted == 2
         assert client.pool_counts() == (0, 1)
 
@@ -936,15 +939,11 @@ async def test_a_pooled_connection_the_upstream_closed_is_not_handed_out(
 
     async with scripted(handler) as (origin, upstream):
         client = make_client()
-        response = await fetch(client, origin)
-        assert await read_body(response) == b"ok"
-        response.close()
+        assert await fetch_whole(client, origin) == b"ok"
         assert client.pool_counts() == (0, 1)
         may_close.set()
         await eventually(lambda: client.pool_counts() == (0, 0))  # the client saw the close
-        response = await fetch(client, origin)
-        assert await read_body(response) == b"ok"
-        response.close()
+        assert await fetch_whole(client, origin) == b"ok"
         assert upstream.accepted == 2
 
 
@@ -964,9 +963,7 @@ async def test_bytes_from_the_upstream_between_exchanges_close_the_connection(
 
     async with scripted(handler) as (origin, upstream):
         client = make_client()
-        response = await fetch(client, origin)
-        assert await read_body(response) == b"ok"
-        response.close()
+        assert await fetch_whole(client, origin) == b"ok"
         assert client.pool_counts() == (0, 1)
         may_send.set()
         await eventually(lambda: upstream.ended == 1)
