@@ -77,7 +77,7 @@ class _Route:
 
 @dataclass(slots=True)
 class _Exchange:
-    """One request as it goes: shared by the forwarding task and its disconnect watcher."""
+    """One request as it goes: shared by the forwarding task and whoever reports a disconnect."""
 
     record: RequestRecord
     started: float  # perf_counter() when the request arrived

@@ -107,7 +107,7 @@ def upstream_values(seen: dict[str, Any], name: str) -> list[str]:
 def assert_body_arrived(seen: dict[str, Any], body: bytes) -> None:
     assert seen["body_length"] == len(body)
     assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
-    # An empty body may come with `Content-Length: 0` (aiohttp sends it for POST) or without.
+    # An empty body may come with `Content-Length: 0` (llmproxy sends it for POST) or without.
     assert upstream_values(seen, "content-length") in ([str(len(body))], [] if body else ["0"])
     assert upstream_values(seen, "transfer-encoding") == []
 
