@@ -82,9 +82,9 @@ class BufferedLineHandler(logging.StreamHandler[TextIO]):
     """A StreamHandler that writes its lines in batches instead of one write and flush each.
 
     Inside an event loop, lines wait at most `flush_delay` seconds (or until `flush_bytes` have
-    gathered), so a busy proxy writes a few times a second instead of once per request: that
-    write was most of what the per-request line cost (issue 6). Outside a loop, and at close,
-    every line is written at once. Nothing is dropped: `logging.shutdown()` flushes at exit.
+    gathered), so a busy proxy makes a few write system calls a second instead of one per
+    request (issue 6). Outside a loop, and at close, every line is written at once. Nothing is
+    dropped: the app's shutdown and `logging.shutdown()` flush what is pending.
     """
 
     def __init__(
