@@ -82,7 +82,6 @@ class _Exchange:
     record: RequestRecord
     started: float  # perf_counter() when the request arrived
     request_id_header: tuple[bytes, bytes] = (b"x-llmproxy-request-id", b"")
-    response_started: bool = False
     finished: bool = False
     client_gone: bool = False
     task: asyncio.Task[None] | None = None  # the forwarding task, cancelled if the client goes
@@ -298,7 +297,6 @@ class Forwarder:
         await send(
             {"type": "http.response.start", "status": upstream.status, "headers": response_headers}
         )
-        exchange.response_started = True
         record.status = upstream.status
         content_type = upstream.header(b"content-type") or b""
         is_sse = content_type.startswith(b"text/event-stream")
