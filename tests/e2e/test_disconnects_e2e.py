@@ -81,8 +81,10 @@ def test_client_leaving_mid_body_cancels_the_upstream_request(
             for event in iter_timed_events(response):
                 received.append(event)
                 if len(received) == 2:  # the role delta and the first content chunk
+                    # Taken before `break`: closing the event generator may already close the
+                    # connection, and the proxy reacts within a fraction of a millisecond.
+                    closing_at = time.time()
                     break
-            closing_at = time.time()
         # Leaving the block closes the half-read response, and with it the connection.
         left_at = time.time()
     (entry,) = fake.wait_for_journal(disconnected, JOURNAL_DEADLINE)
@@ -103,8 +105,8 @@ async def test_async_sdk_closing_a_stream_cancels_the_upstream_request(
     )
     async for chunk in stream:
         if chunk.choices[0].delta.content:
+            closing_at = time.time()  # before `break`, as above
             break
-    closing_at = time.time()
     await stream.close()
     left_at = time.time()
     (entry,) = fake.wait_for_journal(disconnected, JOURNAL_DEADLINE)
