@@ -157,6 +157,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.idle_since = 0.0
         self.closed = False
+        self._chunks: collections.deque[bytes] = collections.deque()  # cleared per exchange
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -165,7 +166,7 @@ class _Connection(asyncio.Protocol):
         self._head_bytes_received = 0  # all bytes before the final head, 1xx heads included
         self._head_waiter: asyncio.Future[UpstreamResponse] | None = None
         self._response: UpstreamResponse | None = None
-        self._chunks: collections.deque[bytes] = collections.deque()
+        self._chunks.clear()
         self._buffered = 0
         self._chunk_waiter: asyncio.Future[None] | None = None
         self._complete = False
@@ -488,11 +489,10 @@ class _Pool:
         if origin is None:
             connection.abort()
             return
-        loop = asyncio.get_running_loop()
         connection.idle_since = time.monotonic()
         self._idle.setdefault(origin, collections.deque()).append(connection)
-        if self._sweeper is None:
-            self._sweeper = loop.call_later(self._keepalive, self._sweep)
+        if self._sweeper is None:  # the loop is looked up only then: it costs a system call
+            self._sweeper = asyncio.get_running_loop().call_later(self._keepalive, self._sweep)
         self._wake_one()  # a request waiting for room can take this one, or close it for room
 
     def _evict_idle(self) -> bool:
