@@ -69,7 +69,7 @@ INVALID_PATH = ProxyError(
 INVALID_HEADER = ProxyError(
     400,
     "invalid_header",
-    "A request header is not valid UTF-8 or holds a line break, so it cannot be forwarded.",
+    "A request header or the path holds a line break, so it cannot be forwarded.",
     "invalid_request_error",
 )
 INVALID_PROXY_KEY = ProxyError(

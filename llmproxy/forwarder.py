@@ -33,7 +33,12 @@ from llmproxy.access_log import (
 )
 from llmproxy.config import Configuration
 from llmproxy.errors import ProxyError
-from llmproxy.headers import filter_response_headers, has_control_bytes, merge_upstream_headers
+from llmproxy.headers import (
+    filter_response_headers,
+    has_control_bytes,
+    merge_upstream_headers,
+    wire_headers,
+)
 from llmproxy.protocol import disconnect_signal
 from llmproxy.retry import AttemptOutcome, RetryDecision, decide, next_upstream
 from llmproxy.targets import has_dot_segment, is_api_path, request_target
@@ -104,7 +109,7 @@ class Forwarder:
             _Route(
                 Origin.from_url(upstream.base_url),
                 urlsplit(upstream.base_url).path.rstrip("/"),
-                tuple(upstream.headers),
+                wire_headers(upstream.headers),
             )
             for upstream in configuration.upstreams()
         )
@@ -130,12 +135,12 @@ class Forwarder:
         exchange = _Exchange(RequestRecord(scope["method"], scope["path"]), time.perf_counter())
         record = exchange.record
         try:
-            try:
-                # UTF-8: how the upstream client encodes them again, so the bytes are unchanged.
-                client_headers = [(n.decode(), v.decode()) for n, v in scope["headers"]]
-            except UnicodeDecodeError:
-                await self._refuse(send, errors.INVALID_HEADER, exchange)
-                return
+            # Latin-1 maps each byte to one character and back, so obs-text (RFC 9110 §5.5)
+            # and UTF-8 alike go out as the bytes that came in (the upstream client encodes
+            # the head with latin-1 again).
+            client_headers = [
+                (n.decode("latin-1"), v.decode("latin-1")) for n, v in scope["headers"]
+            ]
             request_id = _request_id(client_headers)
             if request_id is None:
                 request_id = f"{self._id_prefix}{next(self._id_counter):016x}"

@@ -61,6 +61,16 @@ def merge_upstream_headers(
     ]
 
 
+def wire_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """Configured headers in the form the upstream client writes: one character per byte.
+
+    Client headers reach the forwarder decoded as latin-1 (each byte one character, so obs-text
+    passes unchanged); configured values are text, sent as their UTF-8 bytes. Converting them
+    once at start-up lets the whole request head be encoded with latin-1 per request.
+    """
+    return tuple((name, value.encode("utf-8").decode("latin-1")) for name, value in headers)
+
+
 @functools.lru_cache(maxsize=64)
 def _names_never_forwarded(default_headers: tuple[tuple[str, str], ...]) -> frozenset[str]:
     """Hop-by-hop, client-set and default names: computed once per set of defaults."""

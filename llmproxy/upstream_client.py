@@ -572,6 +572,7 @@ class UpstreamClient:
 
         `target` is the request target as it goes on the wire (path and query, still
         percent-encoded); `headers` must not hold `Host`, `Content-Length` or hop-by-hop names.
+        Both are byte strings held as latin-1 text: each character is written as one byte.
         """
         if self._closed:
             raise ConnectFailedError("the upstream client is closed")
@@ -584,7 +585,14 @@ class UpstreamClient:
         # Exactly one line break per line written: the request line, Host, each header, the end.
         if text.count("\n") != len(lines) + 1 or text.count("\r") != len(lines) + 1:
             raise UnsendableRequestError("a request header or the target holds a line break")
-        head = text.encode("utf-8")  # values came in as UTF-8: the same bytes go out
+        try:
+            # One byte per character: the forwarder hands over header values decoded as
+            # latin-1 (the client's bytes) and configured values as their UTF-8 bytes.
+            head = text.encode("latin-1")
+        except UnicodeEncodeError:
+            raise UnsendableRequestError(
+                "a request header holds a character above U+00FF"
+            ) from None
         connection = self._pool.take_idle(origin, time.monotonic())
         if connection is None:
             connection = await self._connect(origin)
