@@ -285,7 +285,7 @@ async def test_the_request_goes_out_byte_for_byte(make_client: ClientFactory) ->
                     ("Content-Type", "application/json"),
                     ("Authorization", "Bearer sk-test"),
                     ("x-lower", "v"),
-                    ("X-Name", "caf\u00e9"),
+                    ("X-Name", "caf\u00c3\u00a9"),  # latin-1 text of the UTF-8 bytes
                 ],
                 b'{"model":"m"}',
                 b"POST /v1/chat/completions?a=1&b=%20 HTTP/1.1\r\nHost: " + host + b"\r\n"
