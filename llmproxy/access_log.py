@@ -18,6 +18,7 @@ logger = logging.getLogger("llmproxy.access")
 # How an exchange ended.
 COMPLETE = "complete"
 CLIENT_DISCONNECT = "client_disconnect"
+CLIENT_TIMEOUT = "client_timeout"  # closed by client_header_timeout / client_body_timeout
 UPSTREAM_ERROR = "upstream_error"
 PROXY_ERROR = "proxy_error"
 

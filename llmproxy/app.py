@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +18,7 @@ from llmproxy.access_log import flush_request_log
 from llmproxy.config import Configuration, get_configuration
 from llmproxy.errors import ProxyError
 from llmproxy.forwarder import Forwarder, create_upstream_client, send_proxy_error
+from llmproxy.protocol import CLIENT_TIMEOUTS_STATE
 
 NOT_READY = ProxyError(
     503, "proxy_not_ready", "The proxy is starting or stopping; try again.", "proxy_error"
@@ -55,13 +57,20 @@ def resolve_configuration(app: FastAPI) -> Configuration:
 
 
 @asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+async def _lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     assert isinstance(app, ProxyApp)
     configuration = resolve_configuration(app)
     client = create_upstream_client(configuration)
     app.forwarder = Forwarder(configuration, client)
     try:
-        yield
+        # The lifespan state reaches every connection's server protocol (`app_state`), which is
+        # how `ProxyHttpProtocol` learns the client timeouts of this app's configuration.
+        yield {
+            CLIENT_TIMEOUTS_STATE: (
+                configuration.client_header_timeout,
+                configuration.client_body_timeout,
+            )
+        }
     finally:
         app.forwarder = None
         await client.close()

@@ -74,6 +74,10 @@ class Configuration:
     max_concurrent_requests: int | None = None  # per worker process; None = no cap
     log_format: str = "text"
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
+    # From a connection's opening (or a kept-alive one's next first byte) to the end of the
+    # head; and the longest silence within a request body (nginx's, DESIGN §13).
+    client_header_timeout: float = 60.0
+    client_body_timeout: float = 60.0
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
@@ -134,6 +138,8 @@ class Configuration:
             f"max_body_bytes={self.max_body_bytes}, "
             f"max_concurrent_requests={self.max_concurrent_requests}, "
             f"log_format={self.log_format!r}, drain_timeout={self.drain_timeout}, "
+            f"client_header_timeout={self.client_header_timeout}, "
+            f"client_body_timeout={self.client_body_timeout}, "
             f"host={self.host!r}, port={self.port}, workers={self.workers})"
         )
 
@@ -375,6 +381,18 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("log_format", "LLMPROXY_LOG_FORMAT", "--log-format", parse_log_format),
     Setting("drain_timeout", "LLMPROXY_DRAIN_TIMEOUT", "--drain-timeout", parse_timeout),
+    Setting(
+        "client_header_timeout",
+        "LLMPROXY_CLIENT_HEADER_TIMEOUT",
+        "--client-header-timeout",
+        parse_timeout,
+    ),
+    Setting(
+        "client_body_timeout",
+        "LLMPROXY_CLIENT_BODY_TIMEOUT",
+        "--client-body-timeout",
+        parse_timeout,
+    ),
     Setting("host", "LLMPROXY_HOST", "--host", parse_host),
     Setting("port", "LLMPROXY_PORT", "--port", parse_port),
     Setting("workers", "LLMPROXY_WORKERS", "--workers", parse_workers),

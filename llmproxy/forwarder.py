@@ -24,6 +24,7 @@ from llmproxy import errors, metrics
 from llmproxy.access import authenticate, usable_request_id
 from llmproxy.access_log import (
     CLIENT_DISCONNECT,
+    CLIENT_TIMEOUT,
     PROXY_ERROR,
     UPSTREAM_ERROR,
     RequestRecord,
@@ -174,7 +175,13 @@ class Forwarder:
                 await self._refuse(send, errors.REQUEST_TOO_LARGE, exchange)
                 return
             if body is None:
-                record.ending = CLIENT_DISCONNECT  # the client left while sending its body
+                # The client left while sending its body, or `client_body_timeout` closed it.
+                signal = disconnect_signal(scope)
+                if signal is not None and signal.timed_out:
+                    record.status = 408
+                    record.ending = CLIENT_TIMEOUT
+                else:
+                    record.ending = CLIENT_DISCONNECT
                 return
             record.bytes_in = len(body)
 

@@ -50,6 +50,11 @@ CLIENT_DISCONNECTS = Counter(
     "llmproxy_client_disconnects_total", "Requests whose client left before the answer ended"
 )
 RETRIES = Counter("llmproxy_retries_total", "Upstream attempts beyond the first")
+CLIENT_TIMEOUTS = Counter(
+    "llmproxy_client_timeouts_total",
+    "Client connections closed by client_header_timeout or client_body_timeout",
+    ["phase"],  # header or body
+)
 
 
 @functools.lru_cache(maxsize=256)

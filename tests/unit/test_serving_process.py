@@ -103,7 +103,7 @@ def test_the_served_protocol_joins_a_response_head_with_its_body(
 
     def recording_flush(self: _WritesJoinedPerTurn) -> None:
         if self._pending:
-            flushed.append(self._pending)
+            flushed.append(b"".join(self._pending))
         flush(self)
 
     monkeypatch.setattr(_WritesJoinedPerTurn, "_flush", recording_flush)
