@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 from llmproxy import errors, metrics
 from llmproxy.access_log import flush_request_log
 from llmproxy.config import Configuration, get_configuration
+from llmproxy.descriptors import DescriptorWatch
 from llmproxy.errors import ProxyError
 from llmproxy.forwarder import Forwarder, create_upstream_client, send_proxy_error
 from llmproxy.protocol import CLIENT_TIMEOUTS_STATE
@@ -62,6 +64,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     configuration = resolve_configuration(app)
     client = create_upstream_client(configuration)
     app.forwarder = Forwarder(configuration, client)
+    watch = DescriptorWatch(asyncio.get_running_loop())
+    watch.start()
     try:
         # The lifespan state reaches every connection's server protocol (`app_state`), which is
         # how `ProxyHttpProtocol` learns the client timeouts of this app's configuration.
@@ -72,6 +76,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
             )
         }
     finally:
+        watch.stop()
         app.forwarder = None
         await client.close()
         flush_request_log()

@@ -127,7 +127,13 @@ def create_served_app() -> ProxyApp:
     import logging
 
     from llmproxy.app import create_app
+    from llmproxy.descriptors import raise_descriptor_limit
 
+    raised = raise_descriptor_limit()  # nginx's worker_rlimit_nofile, per served process
+    if raised is not None:
+        logging.getLogger("llmproxy").info(
+            "file descriptor limit raised from %d to %d (the hard limit)", *raised
+        )
     app = create_app()
     # Each log record would otherwise ask the system for the process id and look up the thread
     # and process names; no format llmproxy configures shows them.

@@ -126,6 +126,25 @@ def test_flags_beat_environment_beats_file(tmp_path: Path) -> None:
     assert configuration.default_headers == (("X-From", "file"),)
 
 
+def test_client_timeouts_default_to_nginx_s_and_come_from_every_source(tmp_path: Path) -> None:
+    assert load_configuration({}).client_header_timeout == 60.0
+    assert load_configuration({}).client_body_timeout == 60.0
+    config_file = tmp_path / "timeouts.toml"
+    config_file.write_text("client_header_timeout = 7\nclient_body_timeout = 8\n")
+    from_file = load_configuration({}, config_file=str(config_file))
+    assert (from_file.client_header_timeout, from_file.client_body_timeout) == (7.0, 8.0)
+    from_env = load_configuration(
+        {"LLMPROXY_CLIENT_HEADER_TIMEOUT": "2.5", "LLMPROXY_CLIENT_BODY_TIMEOUT": "3"},
+        config_file=str(config_file),
+    )
+    assert (from_env.client_header_timeout, from_env.client_body_timeout) == (2.5, 3.0)
+    from_flags = load_configuration(
+        {"LLMPROXY_CLIENT_HEADER_TIMEOUT": "2.5"},
+        flags={"client_header_timeout": "1", "client_body_timeout": "4"},
+    )
+    assert (from_flags.client_header_timeout, from_flags.client_body_timeout) == (1.0, 4.0)
+
+
 def test_config_file_from_environment_and_url_list(tmp_path: Path) -> None:
     config_file = tmp_path / "llmproxy.toml"
     config_file.write_text('upstream_url = ["http://a/v1", "http://b/v1"]\n')
@@ -180,6 +199,16 @@ def run_cli(*args: str, **environ: str) -> subprocess.CompletedProcess[str]:
         ),
         (["serve", "--read-timeout", "-3"], {}, "llmproxy: error: --read-timeout: must be"),
         (["serve", "--port", "x"], {}, "llmproxy: error: --port: must be a whole number"),
+        (
+            ["serve", "--client-header-timeout", "0"],
+            {},
+            "llmproxy: error: --client-header-timeout: must be a positive number",
+        ),
+        (
+            ["serve"],
+            {"LLMPROXY_CLIENT_BODY_TIMEOUT": "soon"},
+            "llmproxy: error: LLMPROXY_CLIENT_BODY_TIMEOUT: must be a number",
+        ),
         (["serve", "--config", "/nonexistent.toml"], {}, "llmproxy: error: --config"),
         (["serve", "--bogus"], {}, "llmproxy: error: unrecognized arguments: --bogus"),
     ],
