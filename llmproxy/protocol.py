@@ -460,7 +460,12 @@ class ProxyHttpProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer `status` in the OpenAI error shape, then close the connection (lingering)."""
-        self.logger.warning("Refused request: %s", message)
+        if status == 408:
+            # A slow-client attack would be a line per connection: counted in
+            # llmproxy_client_timeouts_total instead, and logged only when debugging.
+            self.logger.debug("Closed a slow client: %s", message)
+        else:
+            self.logger.warning("Refused request: %s", message)
         self._phase = _IDLE
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
