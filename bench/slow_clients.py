@@ -95,7 +95,9 @@ async def normal_requests(port: int, stop: asyncio.Event) -> list[float | None]:
                 writer.write(request)
                 answer = await reader.read()
                 writer.close()
-            latencies.append(time.monotonic() - started if answer.startswith(b"HTTP/1.1 200") else None)
+            latencies.append(
+                time.monotonic() - started if answer.startswith(b"HTTP/1.1 200") else None
+            )
         except (TimeoutError, OSError):
             latencies.append(None)
         await asyncio.sleep(0.1)
@@ -114,10 +116,18 @@ async def probe(arguments: argparse.Namespace) -> int:
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-    proxy = subprocess.Popen(
+    proxy = subprocess.Popen(  # noqa: ASYNC220 - started once, before any load
         [
-            sys.executable, "-m", "llmproxy", "serve", "--port", str(port), "--log-level",
-            "warning", "--client-header-timeout", str(arguments.header_timeout),
+            sys.executable,
+            "-m",
+            "llmproxy",
+            "serve",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--client-header-timeout",
+            str(arguments.header_timeout),
         ],
         env=env,
         preexec_fn=limit,  # the proxy's own descriptor limit, as in the review
@@ -133,7 +143,10 @@ async def probe(arguments: argparse.Namespace) -> int:
         stop = asyncio.Event()
         normal = asyncio.ensure_future(normal_requests(port, stop))
         opened = time.monotonic()
-        slow = [asyncio.ensure_future(slow_connection(port, arguments.trickle)) for _ in range(arguments.slow)]
+        slow = [
+            asyncio.ensure_future(slow_connection(port, arguments.trickle))
+            for _ in range(arguments.slow)
+        ]
         idle = [asyncio.ensure_future(idle_connection(port)) for _ in range(arguments.idle)]
         results = await asyncio.gather(*slow, *idle, return_exceptions=True)
         stop.set()
@@ -148,7 +161,10 @@ async def probe(arguments: argparse.Namespace) -> int:
     answered_408 = sum(1 for _, data in done[: arguments.slow] if b" 408 " in data[:20])
     answered = [x for x in latencies if x is not None]
     print(f"proxy descriptor limit: {nofile}; client_header_timeout: {arguments.header_timeout} s")
-    print(f"connections: {arguments.slow} slow-header + {arguments.idle} idle; failed to open: {len(failed)}")
+    print(
+        f"connections: {arguments.slow} slow-header + {arguments.idle} idle; "
+        f"failed to open: {len(failed)}"
+    )
     if closed_after:
         print(
             f"closed by the proxy after: min {min(closed_after):.2f} s, median "
@@ -166,14 +182,16 @@ async def probe(arguments: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--slow", type=int, default=1000)
     parser.add_argument("--idle", type=int, default=3000)
     parser.add_argument("--trickle", type=float, default=2.0, help="seconds between header lines")
     parser.add_argument("--header-timeout", type=float, default=10.0)
     parser.add_argument("--nofile", type=int, default=8192, help="the proxy's RLIMIT_NOFILE")
     arguments = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this process holds them all
     raise SystemExit(asyncio.run(probe(arguments)))
 
