@@ -32,9 +32,11 @@ def request_target(base_path: str, raw_path: bytes, query_string: bytes) -> str:
 
     `base_path` is the upstream base URL's path without a trailing slash (`/v1`, or `` for a
     bare host). The rest and the query are appended byte for byte: they are ASCII on the wire,
-    as HTTP/1.1 request targets are.
+    as HTTP/1.1 request targets are. An empty path is `/` (origin-form, RFC 9112 §3.2.1).
     """
     rest = raw_path[len(API_PREFIX) - 1 :].decode("latin-1")
+    if not rest and not base_path:
+        rest = "/"
     if query_string:
         return f"{base_path}{rest}?{query_string.decode('latin-1')}"
     return base_path + rest
