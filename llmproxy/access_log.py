@@ -33,6 +33,9 @@ class RequestRecord:
     status: int | None = None
     upstream_status: int | None = None
     attempts: int = 0
+    # Requests sent again on a new connection because a reused one closed before answering
+    # (the upstream client's own retry, not one of the attempts).
+    stale_retries: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
     upstream_headers_ms: float | None = None
@@ -50,6 +53,7 @@ def format_text(record: RequestRecord) -> str:
     return (
         f"{record.request_id} {record.method} {record.path} {record.status or '-'}"
         f" upstream={record.upstream_status or '-'} attempts={record.attempts}"
+        f" stale_retries={record.stale_retries}"
         f" in={record.bytes_in}B out={record.bytes_out}B"
         f" headers={ms(record.upstream_headers_ms)} ttfb={ms(record.first_byte_ms)}"
         f" total={ms(record.total_ms)} ending={record.ending}"

@@ -45,6 +45,13 @@ UPSTREAM_BAD_RESPONSE = ProxyError(
     "The upstream sent a response that is not valid HTTP.",
     "upstream_error",
 )
+UPSTREAM_CONNECTION_CLOSED = ProxyError(
+    502,
+    "upstream_connection_closed",
+    "The upstream closed the connection before answering, and the request cannot safely be "
+    "sent again.",
+    "upstream_error",
+)
 UPSTREAM_TIMEOUT = ProxyError(
     504,
     "upstream_timeout",

@@ -45,6 +45,7 @@ from llmproxy.retry import AttemptOutcome, RetryDecision, decide, next_upstream
 from llmproxy.targets import has_dot_segment, is_api_path, request_target
 from llmproxy.upstream_client import (
     ConnectFailedError,
+    ConnectionClosedError,
     ConnectTimeoutError,
     Origin,
     ReadTimeoutError,
@@ -260,6 +261,7 @@ class Forwarder:
                 await self._refuse(send, errors.INVALID_HEADER, exchange)
                 return
             except UpstreamError as error:
+                record.stale_retries += error.stale_retries
                 outcome = (
                     AttemptOutcome.connect_failed()
                     if isinstance(error, ConnectFailedError)
@@ -274,6 +276,7 @@ class Forwarder:
                 # closes the upstream connection instead of leaking it.
                 try:
                     record.upstream_status = response.status
+                    record.stale_retries += response.stale_retries
                     record.upstream_headers_ms = exchange.elapsed_ms()
                     if response.status in self._policy.retry_statuses:
                         outcome = AttemptOutcome.response(
@@ -365,6 +368,8 @@ def _proxy_error_for(error: UpstreamError) -> ProxyError:
         return errors.UPSTREAM_UNREACHABLE
     if isinstance(error, ReadTimeoutError):
         return errors.UPSTREAM_TIMEOUT
+    if isinstance(error, ConnectionClosedError):
+        return errors.UPSTREAM_CONNECTION_CLOSED
     return errors.UPSTREAM_BAD_RESPONSE
 
 

@@ -10,8 +10,16 @@ redirects, cookies, decompression, proxies from the environment, HTTP/2.
 
 Errors, in what the forwarder must tell apart (DESIGN §4, §6):
 * `ConnectFailedError` (and its `ConnectTimeoutError`): the upstream never got the request;
-* `ReadTimeoutError`: no byte for `read_timeout` seconds, before the headers or in the body;
+* `ReadTimeoutError`: no byte for `read_timeout` seconds, before the headers or in the body
+  (while a request is still being written: no byte of it taken for that long);
+* `ConnectionClosedError`: the upstream closed the connection before any byte of its answer;
 * `ResponseError`: the connection broke or the upstream sent something that is not HTTP/1.1.
+
+Reuse and retry (DESIGN §13): an idle connection is handed out only while it is open and idle
+for less than the keep-alive (or the upstream's shorter `Keep-Alive: timeout`). A reused one
+that the upstream closes before answering is retried once, here, on a new connection, when
+nothing of the request went out or the request may be replayed: Go's Transport rule
+(`net/http/transport.go`, `persistConn.shouldRetryRequest`, `errServerClosedIdle`).
 """
 
 from __future__ import annotations
@@ -38,6 +46,10 @@ MAX_CONNECTIONS = 4096
 # A response head larger than this is refused rather than held in memory.
 MAX_HEAD_BYTES = 256 * 1024
 
+# Bytes after a chunked body's data that are not body (the last chunk's trailer fields, a chunk
+# line that never ends): httptools holds an unfinished field whole, so these must be bounded too.
+MAX_TRAILER_BYTES = 64 * 1024
+
 # Body bytes held for a slow client before reading from the upstream pauses, and where it resumes.
 _PAUSE_ABOVE = 256 * 1024
 _RESUME_BELOW = 64 * 1024
@@ -48,9 +60,26 @@ _HEAD_READ_SLACK = 256 * 1024
 # Bodies up to this size go out in the same write as the head.
 _COALESCE_BODY_BELOW = 64 * 1024
 
+# The transport's write buffer: above the high mark `pause_writing`, and `resume_writing` only once
+# it is empty (low mark 0), which is when the request has been written whole.
+_WRITE_HIGH_WATER = 64 * 1024
+
+# How long an answered exchange whose request is still going out may wait for the write to end
+# before its connection is closed instead of reused (Go: maxWriteWaitBeforeConnReuse, 50 ms).
+_WRITE_GRACE_SECONDS = 0.05
+
+# What may be sent again after a reused connection closed under it (RFC 9110 §9.2.2; Go's
+# `Request.isReplayable` also counts an `Idempotency-Key` or `X-Idempotency-Key` header).
+_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_IDEMPOTENCY_KEYS = frozenset({"idempotency-key", "x-idempotency-key"})
+
 
 class UpstreamError(Exception):
     """The exchange with the upstream failed."""
+
+    # 1 when the request was sent again on a new connection (see `UpstreamClient.request`)
+    # before failing like this: the access log line shows it.
+    stale_retries = 0
 
 
 class ConnectFailedError(UpstreamError):
@@ -67,6 +96,19 @@ class ReadTimeoutError(UpstreamError):
 
 class ResponseError(UpstreamError):
     """The connection broke, or the upstream's answer was not valid HTTP/1.1."""
+
+
+class ConnectionClosedError(ResponseError):
+    """The upstream closed the connection before sending any byte of its answer.
+
+    `reused`: the connection had carried an exchange before (the upstream may have closed it
+    as idle while this request was on its way). `nothing_written`: no byte of the request left.
+    """
+
+    def __init__(self, message: str, *, reused: bool, nothing_written: bool) -> None:
+        super().__init__(message)
+        self.reused = reused
+        self.nothing_written = nothing_written
 
 
 class UnsendableRequestError(UpstreamError):
@@ -95,6 +137,14 @@ class Origin:
         default_port = 443 if parts.scheme == "https" else 80
         port = parts.port or default_port
         host = parts.hostname
+        if not host.isascii():
+            # Host and SNI carry A-labels (RFC 5890 §2.3.2.1). The stdlib codec is IDNA 2003,
+            # the one Python's own resolver applies to a text host name: the name looked up is
+            # the name sent. (IDNA 2008 differs for ß, ς and joiners: configure those as xn--.)
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError as error:
+                raise ValueError(f"not a valid host name: {host!r} ({error})") from None
         shown = f"[{host}]" if ":" in host else host
         host_header = shown if port == default_port else f"{shown}:{port}"
         return cls(parts.scheme, host, port, host_header)
@@ -107,12 +157,15 @@ class UpstreamResponse:
     which returns a fully read connection to the pool and aborts any other.
     """
 
-    __slots__ = ("_connection", "raw_headers", "status")
+    __slots__ = ("_connection", "raw_headers", "stale_retries", "status")
 
     def __init__(self, connection: _Connection, status: int, raw_headers: list[Any]) -> None:
         self._connection = connection
         self.status = status
         self.raw_headers: list[tuple[bytes, bytes]] = raw_headers
+        # 1 when a reused connection closed under the request and it went out again on a new
+        # one (`UpstreamClient.request`): the access log line shows it.
+        self.stale_retries = 0
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lowercase), or None."""
@@ -155,9 +208,18 @@ class _Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
-        self.idle_since = 0.0
+        self.idle_since = 0.0  # 0.0 until the first exchange ends: the connection was never reused
+        self.idle_until = 0.0  # while idle, reused only before this (set by the pool)
         self.closed = False
+        # The upstream's `Keep-Alive: timeout=N` on the last response (None: it gave none).
+        self.keepalive_hint: float | None = None
         self._chunks: collections.deque[bytes] = collections.deque()  # cleared per exchange
+        # Transport state, not the exchange's: the request's bytes still in the write buffer
+        # above the high mark (`pause_writing`), their count at the last check of the timer, and
+        # an answered exchange waiting for its request to be written out before reuse.
+        self._write_paused = False
+        self._unsent = 0
+        self._release_when_written: asyncio.TimerHandle | None = None
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -174,6 +236,10 @@ class _Connection(asyncio.Protocol):
         self._error: UpstreamError | None = None
         self._head_only = False  # a HEAD request: no body, whatever the headers say
         self._ends_at_eof = False  # a body delimited by the connection's close
+        self._body_received = 0
+        self._tail_bytes = 0  # bytes since the last body data: chunk lines and trailers
+        self._trailer_bytes = 0
+        self._nothing_written = False  # the request's first write failed: no byte left
         self._paused = False
         self._in_exchange = False
         self._last_data = 0.0
@@ -184,13 +250,28 @@ class _Connection(asyncio.Protocol):
         if self._transport is None:
             # A stream transport (uvloop's are not asyncio.Transport subclasses).
             self._transport = cast(asyncio.Transport, transport)
+            self._transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=0)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        # The low mark is 0: the request has been written whole.
+        self._write_paused = False
+        if self._in_exchange:
+            self._last_data = self._loop.time()  # the wait for the answer starts now
+        elif self._release_when_written is not None:
+            self._release_when_written.cancel()
+            self._release_when_written = None
+            self._release()
 
     def data_received(self, data: bytes) -> None:
         self._last_data = self._loop.time()
         if not self._in_exchange:
             self._fail_and_close(ResponseError("the upstream sent bytes outside an exchange"))
             return
-        if self._response is None:
+        in_body = self._response is not None
+        if not in_body:
             # httptools holds a header line until it ends, so `on_header` alone cannot bound
             # a head that never ends: count every byte that arrives before the final head.
             self._head_bytes_received += len(data)
@@ -199,6 +280,7 @@ class _Connection(asyncio.Protocol):
                     ResponseError(f"the response head is over {MAX_HEAD_BYTES} bytes")
                 )
                 return
+        body_before = self._body_received
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -210,9 +292,28 @@ class _Connection(asyncio.Protocol):
             )
         except httptools.HttpParserError as error:
             self._fail_and_close(ResponseError(f"invalid HTTP response: {error}"))
+        else:
+            if not in_body or self._complete:
+                return
+            # Trailers, like the head, are held by httptools until each field ends: complete
+            # ones are counted in `on_header`; here, the bytes of one that does not end, with no
+            # body data among them (all of a read that also carried body, plus whole reads
+            # that carried none; so one read of slack over the limit).
+            body = self._body_received - body_before
+            if body:
+                self._tail_bytes = len(data) - body
+            else:
+                self._tail_bytes += len(data)
+                if self._tail_bytes > MAX_TRAILER_BYTES + _HEAD_READ_SLACK:
+                    self._fail_and_close(
+                        ResponseError(f"the response trailers are over {MAX_TRAILER_BYTES} bytes")
+                    )
 
     def eof_received(self) -> bool | None:
-        return False  # close the transport; connection_lost settles the exchange
+        # Never handed out again from now on: `connection_lost` (which settles the exchange)
+        # comes only a loop turn later, and a request taking this connection meanwhile fails.
+        self.closed = True
+        return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -225,8 +326,15 @@ class _Connection(asyncio.Protocol):
             return
         reason = f": {exc}" if exc is not None else ""
         if self._response is None:
+            if self._head_bytes_received:
+                self._fail(ResponseError(f"the upstream closed the connection mid-head{reason}"))
+                return
             self._fail(
-                ResponseError(f"the upstream closed the connection before answering{reason}")
+                ConnectionClosedError(
+                    f"the upstream closed the connection before answering{reason}",
+                    reused=self.idle_since != 0.0,
+                    nothing_written=self._nothing_written,
+                )
             )
         else:
             self._fail(ResponseError(f"the upstream closed the connection mid-body{reason}"))
@@ -238,6 +346,13 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value) + 4
+        if self._response is not None:
+            # A trailer field: counted exactly, whatever reads it came in (the bytes of one
+            # that never ends are bounded in `data_received`), and not kept.
+            self._trailer_bytes += len(name) + len(value) + 4
+            if self._trailer_bytes > MAX_TRAILER_BYTES:
+                raise ResponseError(f"the response trailers are over {MAX_TRAILER_BYTES} bytes")
+            return
         if self._head_bytes > MAX_HEAD_BYTES:
             raise ResponseError(f"the response head is over {MAX_HEAD_BYTES} bytes")
         self._headers.append((name, value))
@@ -250,10 +365,10 @@ class _Connection(asyncio.Protocol):
             raise ResponseError("the upstream sent a second response")
         headers = self._headers
         self._headers = []  # a chunked body's trailers, if any, go here, not into the response
+        if not self._head_only:  # (HEAD answers end here, and their connections are not reused)
+            self._ends_at_eof, self.keepalive_hint = _response_framing(status, headers)
         response = UpstreamResponse(self, status, headers)
         self._response = response
-        if not self._head_only:
-            self._ends_at_eof = _body_ends_at_eof(status, headers)
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(response)
@@ -265,6 +380,7 @@ class _Connection(asyncio.Protocol):
             return
         self._chunks.append(body)
         self._buffered += len(body)
+        self._body_received += len(body)
         if self._buffered > _PAUSE_ABOVE and not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()
@@ -289,12 +405,20 @@ class _Connection(asyncio.Protocol):
         self._head_only = head_only
         waiter: asyncio.Future[UpstreamResponse] = self._loop.create_future()
         self._head_waiter = waiter
+        transport = self._transport
+        # A write that fails at once (the upstream reset the connection) closes the transport
+        # before it returns, and no byte of it left: so nothing was written if it is closing
+        # after the first write (the pool hands out no closing connection).
         if body and len(body) < _COALESCE_BODY_BELOW:
-            self._transport.write(head + body)
+            transport.write(head + body)
+            self._nothing_written = transport.is_closing()
         else:
-            self._transport.write(head)
+            transport.write(head)
+            self._nothing_written = transport.is_closing()
             if body:
-                self._transport.write(body)
+                transport.write(body)
+        if self._write_paused:  # the timer watches the rest go out (`_check_silence`)
+            self._unsent = transport.get_write_buffer_size()
         self._last_data = self._loop.time()
         self._arm_timer()
         try:
@@ -341,12 +465,37 @@ class _Connection(asyncio.Protocol):
         self._in_exchange = False
         self._cancel_timer()
         self._response = None
-        if reusable:
-            if self._paused and self._transport is not None:
-                # The body came whole but was left unread: the next exchange must read again.
-                self._paused = False
-                self._transport.resume_reading()
-            self._pool.release(self)
+        if not reusable:
+            self.abort()
+        elif self._write_paused or (
+            self._transport is not None and self._transport.get_write_buffer_size()
+        ):
+            # Answered before the request was written whole (an early 413, say): the next
+            # request would queue behind the rest, which the upstream may never read. Reused
+            # only if the write ends within the grace (`resume_writing`), else closed (Go's
+            # persistConn: maxWriteWaitBeforeConnReuse).
+            self._release_when_written = self._loop.call_later(
+                _WRITE_GRACE_SECONDS, self._write_grace_over
+            )
+        else:
+            self._release()
+
+    def _release(self) -> None:
+        if self._paused and self._transport is not None:
+            # The body came whole but was left unread: the next exchange must read again.
+            self._paused = False
+            self._transport.resume_reading()
+        self._pool.release(self)
+
+    def _write_grace_over(self) -> None:
+        self._release_when_written = None
+        if (
+            not self.closed
+            and self._transport is not None
+            and not self._transport.get_write_buffer_size()
+        ):
+            self._write_paused = False  # below the high mark, so `resume_writing` never came
+            self._release()
         else:
             self.abort()
 
@@ -357,6 +506,9 @@ class _Connection(asyncio.Protocol):
             self._fail(ResponseError("the connection to the upstream was closed by the proxy"))
         self._in_exchange = False
         self._cancel_timer()
+        if self._release_when_written is not None:
+            self._release_when_written.cancel()
+            self._release_when_written = None
         self.closed = True
         self._pool.forget(self)
         if self._transport is not None:
@@ -403,9 +555,27 @@ class _Connection(asyncio.Protocol):
         self._timer = None
         if not self._in_exchange or self._complete or self._error is not None:
             return
+        now = self._loop.time()
         if self._paused:  # the client is slow and reading is paused: not the upstream's silence
-            self._last_data = self._loop.time()
-        elif self._loop.time() - self._last_data >= self._read_timeout:
+            self._last_data = now
+        elif self._write_paused and self._transport is not None:
+            # The request is still going out: the wait for the answer has not begun, and only
+            # an upstream that takes no byte of it for `read_timeout` is silent. Checked a few
+            # times per timeout, and only while a large request is being written.
+            unsent = self._transport.get_write_buffer_size()
+            if unsent < self._unsent:
+                self._unsent = unsent
+                self._last_data = now
+            elif now - self._last_data >= self._read_timeout:
+                self._fail_and_close(
+                    ReadTimeoutError(
+                        f"the upstream took no byte of the request for {self._read_timeout:g} s"
+                    )
+                )
+                return
+            self._timer = self._loop.call_at(now + self._read_timeout / 4, self._check_silence)
+            return
+        elif now - self._last_data >= self._read_timeout:
             self._fail_and_close(
                 ReadTimeoutError(f"the upstream sent nothing for {self._read_timeout:g} s")
             )
@@ -413,23 +583,79 @@ class _Connection(asyncio.Protocol):
         self._arm_timer()
 
 
-def _body_ends_at_eof(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether a response's body is delimited by the connection's close (RFC 9112 §6.3)."""
-    if status in (204, 304):
-        return False
+def _response_framing(status: int, headers: list[tuple[bytes, bytes]]) -> tuple[bool, float | None]:
+    """Whether the body ends at the connection's close (RFC 9112 §6.3), and the Keep-Alive hint.
+
+    Raises ResponseError for transfer codings the client cannot pass on honestly (see
+    `_ends_at_eof_by_codings`).
+    """
     has_length = False
-    last_coding: bytes | None = None
+    codings: bytes | None = None
+    keepalive_hint: float | None = None
     for name, value in headers:
         lowered = name.lower()
         if lowered == b"transfer-encoding":
-            last_coding = value.rsplit(b",", 1)[-1].strip().lower()
+            # Several fields make one list (RFC 9110 §5.3).
+            codings = value if codings is None else codings + b"," + value
         elif lowered == b"content-length":
             has_length = True
-    if last_coding is not None:
-        # Transfer-Encoding overrides Content-Length; unless chunked is the final coding, the
-        # close ends the body (llhttp frames it so too).
-        return last_coding != b"chunked"
-    return not has_length
+        elif lowered == b"keep-alive":
+            keepalive_hint = _keepalive_timeout(value)
+    if status in (204, 304):
+        return False, keepalive_hint  # no body, so no coded bytes to pass on as plain
+    if codings is not None:
+        # Transfer-Encoding overrides Content-Length (llhttp refuses both together).
+        if codings == b"chunked":  # nearly every response with codings: nothing to parse
+            return False, keepalive_hint
+        return _ends_at_eof_by_codings(codings), keepalive_hint
+    return not has_length, keepalive_hint
+
+
+def _ends_at_eof_by_codings(codings: bytes) -> bool:
+    """Whether a body with these transfer codings ends at the close; ResponseError if refused.
+
+    The client decodes only chunked, and the forwarder drops Transfer-Encoding (hop-by-hop), so
+    any other coding would reach the client as if the bytes were plain (RFC 9112 §6.3 allows
+    the coding; passing it on dishonestly is what is refused). `identity` (RFC 2616 §3.6, since
+    unregistered) is taken as no coding. Refused too: chunked twice (RFC 9112 §6.1) or not last,
+    and lists llhttp reads otherwise than this function would (so that it would frame the body
+    otherwise than the client relays it): empty elements, a tab as whitespace.
+    """
+    tokens = [token.strip(b" ") for token in codings.lower().split(b",")]
+    named = [token for token in tokens if token != b"identity"]
+    if (
+        b"\t" in codings
+        or any(token != b"chunked" for token in named)  # an empty one included
+        or len(named) > 1
+        or (named and tokens[-1] != b"chunked")
+    ):
+        raise ResponseError(
+            f"the upstream sent Transfer-Encoding {codings!r}, which the proxy does not decode"
+        )
+    return not named
+
+
+def _keepalive_timeout(value: bytes) -> float | None:
+    """The `timeout=N` of a `Keep-Alive` header (RFC 2068 §19.7.1.1), in seconds, or None."""
+    for parameter in value.split(b","):
+        name, _, number = parameter.partition(b"=")
+        if name.strip().lower() == b"timeout":
+            number = number.strip()
+            return float(number) if number.isdigit() else None
+    return None
+
+
+def reuse_window(keepalive: float, hint: float | None) -> float:
+    """How long an idle connection may be reused: the keep-alive, or less if the upstream says.
+
+    The upstream's clock starts when it sent its last byte, ours when we read it, and its timer
+    fires in whole seconds: keep a second of margin (half the hint for hints under two seconds).
+    A longer hint does not lengthen the keep-alive: it is there for upstreams that give none,
+    and for the intermediaries between that close idle connections sooner than the origin says.
+    """
+    if hint is None:
+        return keepalive
+    return min(keepalive, max(hint - 1.0, hint / 2))
 
 
 class _Pool:
@@ -450,13 +676,19 @@ class _Pool:
             connection = idle.pop()
             if connection.closed:
                 continue
-            if now - connection.idle_since < self._keepalive:
+            # `closed` is set when the upstream's FIN is read; a transport can also be closing
+            # for other reasons (a failed write) a loop turn before `connection_lost`.
+            transport = connection._transport
+            if now < connection.idle_until and transport is not None and not transport.is_closing():
                 return connection
             connection.abort()
         return None
 
-    async def reserve(self, origin: Origin) -> _Connection | None:
-        """Room for one more connection (None), or an idle one to `origin` freed meanwhile."""
+    async def reserve(self, origin: Origin, take_idle: bool = True) -> _Connection | None:
+        """Room for one more connection (None), or an idle one to `origin` freed meanwhile.
+
+        With `take_idle=False` the caller wants a new connection: idle ones are closed for room.
+        """
         while self.open >= self._max_connections:
             # Idle connections count against the bound: close one (to any origin) to make
             # room rather than wait for it to expire.
@@ -471,7 +703,7 @@ class _Pool:
                     self._wake_one()  # woken, then cancelled before running: pass the turn on
                 raise
             # Woken by a release: the connection that came back may be one to this origin.
-            connection = self.take_idle(origin, time.monotonic())
+            connection = self.take_idle(origin, time.monotonic()) if take_idle else None
             if connection is not None:
                 return connection
         self.open += 1
@@ -489,7 +721,9 @@ class _Pool:
         if origin is None:
             connection.abort()
             return
-        connection.idle_since = time.monotonic()
+        now = time.monotonic()
+        connection.idle_since = now
+        connection.idle_until = now + reuse_window(self._keepalive, connection.keepalive_hint)
         self._idle.setdefault(origin, collections.deque()).append(connection)
         if self._sweeper is None:  # the loop is looked up only then: it costs a system call
             self._sweeper = asyncio.get_running_loop().call_later(self._keepalive, self._sweep)
@@ -527,8 +761,14 @@ class _Pool:
         now = time.monotonic()
         remaining = False
         for idle in self._idle.values():
-            while idle and (idle[0].closed or now - idle[0].idle_since >= self._keepalive):
-                idle.popleft().abort()
+            # Expiry follows idleness only for equal windows (a Keep-Alive hint shortens one):
+            # look at each, keeping the order (most recently used last).
+            for _ in range(len(idle)):
+                connection = idle.popleft()
+                if connection.closed or now >= connection.idle_until:
+                    connection.abort()
+                else:
+                    idle.append(connection)
             remaining = remaining or bool(idle)
         if remaining:
             self._sweeper = loop.call_later(self._keepalive / 2, self._sweep)
@@ -596,10 +836,25 @@ class UpstreamClient:
         connection = self._pool.take_idle(origin, time.monotonic())
         if connection is None:
             connection = await self._connect(origin)
-        return await connection.send(head, body, method == "HEAD")
+        try:
+            return await connection.send(head, body, method == "HEAD")
+        except ConnectionClosedError as error:
+            # Go's Transport rule (transport.go, shouldRetryRequest): the upstream closed a
+            # reused connection, perhaps as idle, before any byte of an answer; send again
+            # once if it cannot have acted on the request or may act on it twice.
+            if not error.reused or not (error.nothing_written or _replayable(method, headers)):
+                raise
+        try:
+            connection = await self._connect(origin, fresh=True)
+            response = await connection.send(head, body, method == "HEAD")
+        except UpstreamError as error:
+            error.stale_retries = 1
+            raise
+        response.stale_retries = 1
+        return response
 
-    async def _connect(self, origin: Origin) -> _Connection:
-        idle = await self._pool.reserve(origin)
+    async def _connect(self, origin: Origin, fresh: bool = False) -> _Connection:
+        idle = await self._pool.reserve(origin, take_idle=not fresh)
         if idle is not None:
             return idle  # came back to the pool while this request waited for room
         loop = asyncio.get_running_loop()
@@ -653,6 +908,14 @@ class UpstreamClient:
 
 
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
+
+
+def _replayable(method: str, headers: list[tuple[str, str]]) -> bool:
+    """Whether a request may be sent twice: an idempotent method, or an idempotency key."""
+    return method in _IDEMPOTENT_METHODS or any(
+        name.lower() in _IDEMPOTENCY_KEYS for name, _ in headers
+    )
+
 
 _ssl_context: ssl.SSLContext | None = None
 

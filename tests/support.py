@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -20,6 +20,7 @@ from starlette.types import ASGIApp
 
 from llmproxy.app import ProxyApp
 from llmproxy.testing import proxy_app
+from llmproxy.upstream_client import Origin, UpstreamClient, UpstreamResponse
 
 __all__ = ["proxy_app"]
 
@@ -177,3 +178,126 @@ def serve_subprocess(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=20)
+
+
+# -- scripted raw upstreams, for the upstream client's own tests -----------------------------------
+
+DEADLINE = 5.0
+
+# Longer than DEADLINE, so that a client that hangs fails a test's deadline instead of ending in
+# a ReadTimeoutError, and an idle connection is not closed by the pool's sweep, unless a test
+# sets these itself: neither may pass for the behaviour under test.
+PATIENT_READ_TIMEOUT = 4 * DEADLINE
+PATIENT_KEEPALIVE = 12 * DEADLINE
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+ClientFactory = Callable[..., UpstreamClient]
+
+
+class Upstream:
+    """What the scripted upstream saw: connections accepted and connections ended."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.ended = 0
+
+
+@contextlib.asynccontextmanager
+async def scripted(handler: RawHandler) -> AsyncIterator[tuple[Origin, Upstream]]:
+    """A raw TCP upstream running `handler` on each connection, and what it saw.
+
+    On exit it closes the connections still open and waits for their handlers, so that none is
+    left pending when the test's event loop closes.
+    """
+    upstream = Upstream()
+    handlers: set[asyncio.Task[Any]] = set()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream.accepted += 1
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        writers.append(writer)
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away: several tests make it do exactly that
+        finally:
+            upstream.ended += 1
+            writer.close()
+
+    async with raw_tcp_upstream(on_connection) as url:
+        try:
+            yield Origin.from_url(url), upstream
+        finally:
+            for writer in writers:
+                writer.transport.abort()  # a handler waiting for the client's EOF gets one now
+            if handlers:
+                _, pending = await asyncio.wait(handlers, timeout=DEADLINE)
+                for task in pending:  # a handler stuck on the test's own events
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def until_eof(reader: asyncio.StreamReader) -> None:
+    """Wait for the client to close the connection (a reset counts as a close)."""
+    with contextlib.suppress(ConnectionError):
+        while await reader.read(65536):
+            pass
+
+
+def answer_each(response: bytes) -> RawHandler:
+    """An upstream answering every request on a connection with `response`, until EOF."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request_head(reader)
+            writer.write(response)
+            await writer.drain()
+
+    return handler
+
+
+async def eventually(condition: Callable[[], object], deadline: float = DEADLINE) -> None:
+    """Poll `condition` until it holds; fail if it does not within `deadline` seconds."""
+    async with asyncio.timeout(deadline):
+        while not condition():  # noqa: ASYNC110 - polls state that no event signals
+            await asyncio.sleep(0.005)
+
+
+async def fetch(
+    client: UpstreamClient,
+    origin: Origin,
+    method: str = "GET",
+    target: str = "/",
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
+) -> UpstreamResponse:
+    async with asyncio.timeout(DEADLINE):
+        return await client.request(origin, method, target, list(headers), body)
+
+
+async def read_body(response: UpstreamResponse, into: list[bytes] | None = None) -> bytes:
+    """The rest of the body; `into` collects the chunks even if reading ends in an error."""
+    chunks = [] if into is None else into
+    async with asyncio.timeout(DEADLINE):
+        async for chunk in response:
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def fetch_whole(client: UpstreamClient, origin: Origin) -> bytes:
+    """GET / and its whole body; the response is closed, so a kept connection goes back idle."""
+    response = await fetch(client, origin)
+    try:
+        return await read_body(response)
+    finally:
+        response.close()
+
+
+def internals(response: UpstreamResponse) -> Any:
+    """The connection under a response: back-pressure is only visible there."""
+    return response._connection

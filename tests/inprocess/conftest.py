@@ -13,7 +13,16 @@ import pytest
 from aiohttp import web
 
 from llmproxy.config import Configuration
-from tests.support import ThrowawayUpstream, lifespan, proxy_app
+from llmproxy.upstream_client import UpstreamClient
+from tests.support import (
+    DEADLINE,
+    PATIENT_KEEPALIVE,
+    PATIENT_READ_TIMEOUT,
+    ClientFactory,
+    ThrowawayUpstream,
+    lifespan,
+    proxy_app,
+)
 
 
 @pytest.fixture
@@ -53,3 +62,21 @@ async def echo(request: web.Request) -> web.Response:
             "body_length": len(body),
         }
     )
+
+
+@pytest.fixture
+async def make_client() -> AsyncIterator[ClientFactory]:
+    """`make_client(**options)`: an UpstreamClient with patient defaults, closed after the test."""
+    made: list[UpstreamClient] = []
+
+    def make(**options: Any) -> UpstreamClient:
+        options.setdefault("connect_timeout", DEADLINE)
+        options.setdefault("read_timeout", PATIENT_READ_TIMEOUT)
+        options.setdefault("keepalive", PATIENT_KEEPALIVE)
+        client = UpstreamClient(**options)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.close()

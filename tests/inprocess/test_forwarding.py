@@ -396,3 +396,67 @@ async def test_a_header_with_a_line_break_reaching_the_forwarder_gets_400_not_a_
     assert sent[0]["status"] == 400
     assert b"invalid_header" in sent[1]["body"]
     assert upstream.requests == []
+
+
+# -- issue 10: the upstream side's reuse rule and framing, seen through the proxy --------------
+
+
+def _keep_alive_then_close_unanswered() -> Any:
+    """First connection: one answer, then it closes as the next request arrives, unanswered."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+        writer.write(b"Content-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        if connections == 1:
+            await read_request_head(reader)
+        else:
+            await reader.read()
+        writer.close()  # unanswered, on the first connection
+
+    return handler
+
+
+def _access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "llmproxy.access"]
+
+
+async def test_a_post_on_a_reused_connection_closed_unanswered_is_502_connection_closed(
+    proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="llmproxy.access")
+    async with raw_tcp_upstream(_keep_alive_then_close_unanswered()) as url, proxy(url) as client:
+        assert (await client.post("/v1/chat/completions", json={})).status_code == 200
+        response = await client.post("/v1/chat/completions", json={})
+    assert_proxy_error(response, 502, "upstream_connection_closed")
+    assert " stale_retries=0 " in _access_lines(caplog)[-1]
+
+
+async def test_a_get_on_a_reused_connection_closed_unanswered_is_retried_and_logged(
+    proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="llmproxy.access")
+    async with raw_tcp_upstream(_keep_alive_then_close_unanswered()) as url, proxy(url) as client:
+        assert (await client.get("/v1/models")).status_code == 200
+        response = await client.get("/v1/models")
+    assert response.status_code == 200
+    line = _access_lines(caplog)[-1]
+    assert " attempts=1 stale_retries=1 " in line, line
+
+
+async def test_a_transfer_coding_other_than_chunked_is_502_bad_response(
+    proxy: ProxyFactory,
+) -> None:
+    async def gzip_coded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n" + gzip.compress(b"{}"))
+        await writer.drain()
+        writer.close()  # the close would end the body
+
+    async with raw_tcp_upstream(gzip_coded) as url, proxy(url) as client:
+        response = await client.get("/v1/models")
+    assert_proxy_error(response, 502, "upstream_bad_response")

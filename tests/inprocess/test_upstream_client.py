@@ -14,7 +14,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -23,155 +23,33 @@ import trustme
 from llmproxy import upstream_client
 from llmproxy.upstream_client import (
     MAX_HEAD_BYTES,
+    MAX_TRAILER_BYTES,
     ConnectFailedError,
+    ConnectionClosedError,
     ConnectTimeoutError,
     Origin,
     ReadTimeoutError,
     ResponseError,
     UnsendableRequestError,
     UpstreamClient,
-    UpstreamResponse,
 )
-from tests.support import free_port, raw_tcp_upstream, read_request_head
-
-DEADLINE = 5.0
-
-# Longer than DEADLINE, so that a client that hangs fails a test's deadline instead of ending in
-# a ReadTimeoutError, and an idle connection is not closed by the pool's sweep, unless a test
-# sets these itself: neither may pass for the behaviour under test.
-PATIENT_READ_TIMEOUT = 4 * DEADLINE
-PATIENT_KEEPALIVE = 12 * DEADLINE
-
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-ClientFactory = Callable[..., UpstreamClient]
-
-
-class Upstream:
-    """What the scripted upstream saw: connections accepted and connections ended."""
-
-    def __init__(self) -> None:
-        self.accepted = 0
-        self.ended = 0
-
-
-@contextlib.asynccontextmanager
-async def scripted(handler: Handler) -> AsyncIterator[tuple[Origin, Upstream]]:
-    """A raw TCP upstream running `handler` on each connection, and what it saw.
-
-    On exit it closes the connections still open and waits for their handlers, so that none is
-    left pending when the test's event loop closes.
-    """
-    upstream = Upstream()
-    handlers: set[asyncio.Task[Any]] = set()
-    writers: list[asyncio.StreamWriter] = []
-
-    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream.accepted += 1
-        task = asyncio.current_task()
-        assert task is not None
-        handlers.add(task)
-        writers.append(writer)
-        try:
-            await handler(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client went away: several tests make it do exactly that
-        finally:
-            upstream.ended += 1
-            writer.close()
-
-    async with raw_tcp_upstream(on_connection) as url:
-        try:
-            yield Origin.from_url(url), upstream
-        finally:
-            for writer in writers:
-                writer.transport.abort()  # a handler waiting for the client's EOF gets one now
-            if handlers:
-                _, pending = await asyncio.wait(handlers, timeout=DEADLINE)
-                for task in pending:  # a handler stuck on the test's own events
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-
-
-async def until_eof(reader: asyncio.StreamReader) -> None:
-    """Wait for the client to close the connection (a reset counts as a close)."""
-    with contextlib.suppress(ConnectionError):
-        while await reader.read(65536):
-            pass
-
-
-def answer_each(response: bytes) -> Handler:
-    """An upstream answering every request on a connection with `response`, until EOF."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request_head(reader)
-            writer.write(response)
-            await writer.drain()
-
-    return handler
-
-
-async def eventually(condition: Callable[[], object], deadline: float = DEADLINE) -> None:
-    """Poll `condition` until it holds; fail if it does not within `deadline` seconds."""
-    async with asyncio.timeout(deadline):
-        while not condition():  # noqa: ASYNC110 - polls state that no event signals
-            await asyncio.sleep(0.005)
-
-
-async def fetch(
-    client: UpstreamClient,
-    origin: Origin,
-    method: str = "GET",
-    target: str = "/",
-    headers: Sequence[tuple[str, str]] = (),
-    body: bytes = b"",
-) -> UpstreamResponse:
-    async with asyncio.timeout(DEADLINE):
-        return await client.request(origin, method, target, list(headers), body)
-
-
-async def read_body(response: UpstreamResponse, into: list[bytes] | None = None) -> bytes:
-    """The rest of the body; `into` collects the chunks even if reading ends in an error."""
-    chunks = [] if into is None else into
-    async with asyncio.timeout(DEADLINE):
-        async for chunk in response:
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def fetch_whole(client: UpstreamClient, origin: Origin) -> bytes:
-    """GET / and its whole body; the response is closed, so a kept connection goes back idle."""
-    response = await fetch(client, origin)
-    try:
-        return await read_body(response)
-    finally:
-        response.close()
-
-
-def internals(response: UpstreamResponse) -> Any:
-    """The connection under a response: back-pressure is only visible there."""
-    return response._connection
-
-
-@pytest.fixture
-async def make_client() -> AsyncIterator[ClientFactory]:
-    """`make_client(**options)`: an UpstreamClient with patient defaults, closed after the test."""
-    made: list[UpstreamClient] = []
-
-    def make(**options: Any) -> UpstreamClient:
-        options.setdefault("connect_timeout", DEADLINE)
-        options.setdefault("read_timeout", PATIENT_READ_TIMEOUT)
-        options.setdefault("keepalive", PATIENT_KEEPALIVE)
-        client = UpstreamClient(**options)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        await client.close()
-
+from tests.support import (
+    DEADLINE,
+    OK,
+    ClientFactory,
+    Upstream,
+    answer_each,
+    eventually,
+    fetch,
+    fetch_whole,
+    free_port,
+    internals,
+    read_body,
+    read_request_head,
+    scripted,
+    until_eof,
+)
+from tests.support import RawHandler as Handler
 
 # -- origins -----------------------------------------------------------------------------------
 
@@ -194,6 +72,55 @@ def test_origin_from_url_shows_the_port_in_host_only_when_not_the_default(
     url: str, expected: Origin
 ) -> None:
     assert Origin.from_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "https://b\u00fccher.example/v1",
+            Origin("https", "xn--bcher-kva.example", 443, "xn--bcher-kva.example"),
+        ),
+        (
+            "http://B\u00dcCHER.example:8080/v1",  # urlsplit lowercases the host first
+            Origin("http", "xn--bcher-kva.example", 8080, "xn--bcher-kva.example:8080"),
+        ),
+        (
+            "https://\u4f8b\u3048.\u30c6\u30b9\u30c8/",
+            Origin("https", "xn--r8jz45g.xn--zckzah", 443, "xn--r8jz45g.xn--zckzah"),
+        ),
+        (  # already an A-label: unchanged
+            "https://xn--bcher-kva.example/",
+            Origin("https", "xn--bcher-kva.example", 443, "xn--bcher-kva.example"),
+        ),
+    ],
+)
+def test_an_internationalised_host_name_is_used_in_its_idna_form(
+    url: str, expected: Origin
+) -> None:
+    assert Origin.from_url(url) == expected
+
+
+def test_a_host_name_idna_cannot_encode_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a valid host name"):
+        Origin.from_url("https://" + "\u00fc" * 64 + ".example/")  # a label over 63 bytes
+
+
+async def test_the_idna_host_name_is_what_is_resolved_and_sent_as_sni(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    seen: list[tuple[Any, ...]] = []
+
+    async def record_then_refuse(*args: Any, **kwargs: Any) -> Any:
+        seen.append((args[1], kwargs.get("server_hostname")))
+        raise ConnectionRefusedError("refused by the test")
+
+    monkeypatch.setattr(loop, "create_connection", record_then_refuse)
+    client = make_client()
+    with pytest.raises(ConnectFailedError):
+        await fetch(client, Origin.from_url("https://b\u00fccher.example/v1"))
+    assert seen == [("xn--bcher-kva.example", "xn--bcher-kva.example")]
 
 
 @pytest.mark.parametrize("url", ["ftp://example.com/", "example.com/v1", "http:///v1"])
@@ -1151,3 +1078,308 @@ async def test_a_connection_made_while_the_client_closes_is_dropped_not_used(
             await request
         await eventually(lambda: upstream.ended == upstream.accepted == 1)
         assert client.pool_counts() == (0, 0)
+
+
+# -- issue 10: reuse, writes still going out, trailers, transfer codings -------------------------
+
+
+async def test_a_connection_whose_fin_was_read_is_not_handed_out_in_the_same_loop_turn(
+    make_client: ClientFactory,
+) -> None:
+    """The upstream's FIN marks the connection unusable at once, not a turn later."""
+    may_close = asyncio.Event()
+    requests_per_connection: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number = len(requests_per_connection)
+        requests_per_connection.append(0)
+        while True:
+            await read_request_head(reader)
+            requests_per_connection[number] += 1
+            writer.write(OK)
+            await writer.drain()
+            if number == 0:
+                await may_close.wait()
+                return  # a FIN while the connection sits idle in the pool
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client()
+        assert await fetch_whole(client, origin) == b"ok"
+        (connection,) = client._pool._idle[origin]
+        eof_read = asyncio.get_running_loop().create_future()
+        read_eof = connection.eof_received
+
+        def spy() -> bool | None:
+            keep_open = read_eof()
+            eof_read.set_result(None)  # wakes this test before `connection_lost` is called
+            return keep_open
+
+        connection.eof_received = spy  # type: ignore[method-assign]  # a spy on this one
+        may_close.set()
+        async with asyncio.timeout(DEADLINE):
+            await eof_read
+        assert connection._transport is not None
+        assert connection._transport.is_closing()  # the situation under test
+        response = await fetch(client, origin)
+        assert await read_body(response) == b"ok"
+        response.close()
+        assert response.stale_retries == 0  # not sent into the closing connection first
+        assert requests_per_connection == [1, 1]
+        assert upstream.accepted == 2
+
+
+@pytest.mark.parametrize(
+    ("keepalive", "hint", "window"),
+    [
+        (4.0, None, 4.0),
+        (4.0, 5.0, 4.0),
+        (4.0, 30.0, 4.0),  # a longer hint does not lengthen the keep-alive
+        (4.0, 3.0, 2.0),
+        (4.0, 2.0, 1.0),
+        (4.0, 1.0, 0.5),
+        (4.0, 0.0, 0.0),
+        (0.2, 1.0, 0.2),
+    ],
+)
+def test_the_reuse_window_is_the_keepalive_or_the_upstreams_shorter_hint_less_a_margin(
+    keepalive: float, hint: float | None, window: float
+) -> None:
+    assert upstream_client.reuse_window(keepalive, hint) == window
+
+
+async def test_a_connection_idle_past_the_upstreams_keepalive_timeout_hint_is_not_reused(
+    make_client: ClientFactory,
+) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1, max=100\r\nContent-Length: 2\r\n\r\nok"
+    async with scripted(answer_each(answer)) as (origin, upstream):
+        client = make_client()  # a keep-alive of a minute: only the hint can close this one
+        assert await fetch_whole(client, origin) == b"ok"
+        assert await fetch_whole(client, origin) == b"ok"  # within the hint's window: reused
+        assert upstream.accepted == 1
+        await asyncio.sleep(0.7)  # idle past the window (0.5 s for a hint of 1 s): under test
+        assert await fetch_whole(client, origin) == b"ok"
+        assert upstream.accepted == 2
+
+
+def _slow_reader(
+    body_size: int, piece: int, pause: float, answer: bytes, stall_after: int | None = None
+) -> Handler:
+    """An upstream taking a request body `piece` bytes every `pause` s, then answering `answer`.
+
+    Its receive buffer is small, so the client's bytes wait in the client's own buffer. The first
+    request on a connection is a small GET (answered OK), after which the test shrinks the
+    client's send buffer too; with `stall_after`, it stops reading after that many body bytes.
+    """
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        await read_request_head(reader)
+        writer.write(OK)
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+        taken = 0
+        while taken < body_size:
+            if stall_after is not None and taken >= stall_after:
+                await writer.wait_closed()  # takes nothing more, until the end
+            taken += len(await reader.readexactly(min(piece, body_size - taken)))
+            await asyncio.sleep(pause)  # the upstream's scripted pace
+        writer.write(answer)
+        await writer.drain()
+        await until_eof(reader)
+
+    return handler
+
+
+async def _connection_with_a_small_send_buffer(client: UpstreamClient, origin: Origin) -> None:
+    response = await fetch(client, origin)
+    assert await read_body(response) == b"ok"
+    sock = internals(response)._transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    response.close()
+    assert client.pool_counts() == (0, 1)
+
+
+async def test_the_read_timeout_waits_for_the_answer_only_once_the_request_is_written(
+    make_client: ClientFactory,
+) -> None:
+    """A request taking longer to write than `read_timeout` is not timed out while it goes."""
+    body = b"x" * (2 * 1024 * 1024)
+    read_timeout = 0.25
+    async with scripted(_slow_reader(len(body), 32 * 1024, 0.02, OK)) as (origin, upstream):
+        client = make_client(read_timeout=read_timeout)
+        await _connection_with_a_small_send_buffer(client, origin)
+        started = time.monotonic()
+        response = await fetch(client, origin, "POST", "/v1/files", body=body)
+        assert time.monotonic() - started > 2 * read_timeout  # the situation under test
+        assert await read_body(response) == b"ok"
+        response.close()
+        assert upstream.accepted == 1
+
+
+async def test_a_request_the_upstream_stops_taking_is_a_read_timeout(
+    make_client: ClientFactory,
+) -> None:
+    body = b"x" * (2 * 1024 * 1024)
+    read_timeout = 0.25
+    handler = _slow_reader(len(body), 32 * 1024, 0.0, OK, stall_after=256 * 1024)
+    async with scripted(handler) as (origin, _):
+        client = make_client(read_timeout=read_timeout)
+        await _connection_with_a_small_send_buffer(client, origin)
+        started = time.monotonic()
+        with pytest.raises(ReadTimeoutError, match="took no byte of the request"):
+            await fetch(client, origin, "POST", "/v1/files", body=body)
+        assert read_timeout * 0.8 <= time.monotonic() - started <= DEADLINE
+        assert client.pool_counts() == (0, 0)
+
+
+async def test_a_connection_answered_before_its_request_was_written_is_closed_not_reused(
+    make_client: ClientFactory,
+) -> None:
+    """An early 413 leaves the rest of the body unsent: the next request must not queue behind."""
+    early = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if upstream.accepted > 1:
+            await answer_each(OK)(reader, writer)
+            return
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        await read_request_head(reader)
+        writer.write(OK)
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(early)  # and never reads the body
+        await writer.drain()
+        await writer.wait_closed()  # reads nothing more, until the end
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client()
+        await _connection_with_a_small_send_buffer(client, origin)
+        response = await fetch(client, origin, "POST", "/v1/files", body=b"x" * (4 * 1024 * 1024))
+        assert response.status == 413
+        assert await read_body(response) == b""
+        assert internals(response)._transport.get_write_buffer_size() > 0  # under test
+        response.close()
+        await eventually(lambda: client.pool_counts() == (0, 0))
+        assert await fetch_whole(client, origin) == b"ok"
+        assert upstream.accepted == 2
+
+
+async def test_a_connection_whose_request_ends_within_the_grace_after_an_early_answer_is_reused(
+    make_client: ClientFactory,
+) -> None:
+    early = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nfoo"
+    may_read = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        await read_request_head(reader)
+        writer.write(OK)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(early)
+        await writer.drain()
+        await may_read.wait()
+        await reader.readexactly(_content_length(head))  # the rest, at once
+        await answer_each(OK)(reader, writer)
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client()
+        await _connection_with_a_small_send_buffer(client, origin)
+        response = await fetch(client, origin, "POST", "/v1/files", body=b"x" * (1024 * 1024))
+        assert await read_body(response) == b"foo"
+        response.close()
+        assert client.pool_counts() == (1, 0)  # held back while its request goes out
+        may_read.set()
+        await eventually(lambda: client.pool_counts() == (0, 1))
+        assert await fetch_whole(client, origin) == b"ok"
+        assert upstream.accepted == 1
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        # More than one read (which may come with the head and go uncounted) and the limit.
+        pytest.param(b"X-Endless: " + b"a" * (8 * MAX_TRAILER_BYTES), id="unterminated-trailer"),
+        pytest.param(b"X-Many: 0123456789\r\n" * (8 * MAX_TRAILER_BYTES // 20), id="many-trailers"),
+    ],
+)
+async def test_trailers_over_the_limit_are_a_response_error(
+    make_client: ClientFactory, tail: bytes
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n")
+        await writer.drain()
+        for start in range(0, len(tail), 4096):
+            writer.write(tail[start : start + 4096])
+            await writer.drain()
+        await until_eof(reader)  # the connection stays open: only the limit can end this
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client()
+        response = await fetch(client, origin)
+        received: list[bytes] = []
+        with pytest.raises(ResponseError, match="trailers"):
+            await read_body(response, into=received)
+        assert b"".join(received) == b"hello"
+        response.close()
+        assert client.pool_counts() == (0, 0)
+        await eventually(lambda: upstream.ended == 1)
+
+
+async def test_trailers_within_the_limit_end_the_body_and_keep_the_connection(
+    make_client: ClientFactory,
+) -> None:
+    trailers = b"X-Checksum: abc\r\n" * 100
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+    async with scripted(answer_each(answer + trailers + b"\r\n")) as (origin, upstream):
+        client = make_client()
+        for _ in range(2):
+            assert await fetch_whole(client, origin) == b"ok"
+        assert upstream.accepted == 1
+
+
+@pytest.mark.parametrize(
+    "coding",
+    [b"gzip", b"deflate", b"gzip, chunked", b"chunked, gzip", b"x-custom"],
+)
+async def test_a_transfer_coding_the_client_does_not_decode_is_a_response_error(
+    make_client: ClientFactory, coding: bytes
+) -> None:
+    """RFC 9112 §6.3: the body would be passed on coded, without the header that says so."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n")
+        writer.write(b"5\r\n\x1f\x8b\x08\x00\x00\r\n0\r\n\r\n")  # whatever the framing
+        await writer.drain()
+        # closing would end a close-delimited body
+
+    async with scripted(handler) as (origin, _):
+        client = make_client()
+        with pytest.raises(ResponseError, match="Transfer-Encoding"):
+            await fetch(client, origin)  # the head says it all
+        assert client.pool_counts() == (0, 0)
+
+
+async def test_a_reused_connection_closed_before_answering_a_post_is_connection_closed(
+    make_client: ClientFactory,
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(OK)
+        await writer.drain()
+        await read_request_head(reader)  # and closes without answering
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client()
+        assert await fetch_whole(client, origin) == b"ok"
+        with pytest.raises(ConnectionClosedError) as caught:
+            await fetch(client, origin, "POST", "/v1/chat/completions", body=b"{}")
+        assert caught.value.reused
+        assert not caught.value.nothing_written
+        assert caught.value.stale_retries == 0
+        assert upstream.accepted == 1  # not sent again: the upstream may have acted on it
