@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal, cast, get_args
 
@@ -24,8 +24,15 @@ Ending = Literal[
     "crlf",
     "split_event",
     "ping",
+    "failed",
+    "incomplete",
 ]
 ENDINGS: Final[tuple[str, ...]] = get_args(Ending)
+
+ErrorShape = Literal["nested", "flat"]
+ERROR_SHAPES: Final[tuple[str, ...]] = get_args(ErrorShape)
+"""How an `error_event` looks on a Responses stream: `nested` as production sends it
+(`{"type": "error", "error": {...}}`), `flat` as the API reference documents it."""
 
 # RFC 9110 §5.6.2 token characters; anything else in a header name makes uvicorn refuse the
 # response with a 500, so a bad name is the script's fault and is reported as such.
@@ -36,6 +43,15 @@ _HEADER_VALUE = re.compile(r"^[^\r\n\x00]*$")
 
 class ScriptError(ValueError):
     """A script, scenario name or queue request that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One scripted function call: `arguments` is the JSON text the model "wrote"."""
+
+    name: str
+    arguments: str
+    id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +70,11 @@ class Script:
     id: str | None = None
     created: int | None = None
     model: str | None = None
-    finish_reason: str = "stop"
+    finish_reason: str | None = None
     error: dict[str, Any] | None = None
+    error_shape: ErrorShape = "nested"
+    tool_calls: tuple[ToolCall, ...] = ()
+    reasoning_tokens: int = 0
     echo: bool = False
     _raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -142,6 +161,87 @@ def parse_headers(value: object) -> tuple[tuple[str, str], ...]:
     return tuple(result)
 
 
+def _body(name: str, value: object) -> str | dict[str, Any] | list[Any]:
+    if not isinstance(value, str | dict | list):
+        raise _bad(name, "a string (sent raw) or a JSON object or list", value)
+    return value
+
+
+def _chunks(name: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise _bad(name, "a list of strings", value)
+    return tuple(value)
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str, object], Any]:
+    def parse(name: str, value: object) -> Any:
+        if value not in choices:
+            raise ScriptError(f"field {name!r} must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    return parse
+
+
+def _error(name: str, value: object) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _bad(name, "an object (the OpenAI error object)", value)
+    return dict(value)
+
+
+def _tool_calls(name: str, value: object) -> tuple[ToolCall, ...]:
+    if not isinstance(value, list):
+        raise _bad(name, 'a list of {"name": ..., "arguments": ...} objects', value)
+    calls = []
+    for index, call in enumerate(value):
+        where = f"{name}[{index}]"
+        if not isinstance(call, Mapping):
+            raise _bad(where, 'an object {"name": ..., "arguments": ...}', call)
+        unknown = sorted(set(call) - {"name", "arguments", "id"})
+        if unknown:
+            known = "known: name, arguments, id"
+            raise ScriptError(f"field {where!r}: unknown key {unknown[0]!r}; {known}")
+        if "name" not in call:
+            raise ScriptError(f"field {where!r}: 'name' is required")
+        arguments = call.get("arguments", "{}")
+        if not isinstance(arguments, str):
+            # Arguments are a JSON *string* on the wire; an object here is a likely slip.
+            raise _bad(f"{where}.arguments", "a string (JSON text, as on the wire)", arguments)
+        call_id = call.get("id")
+        calls.append(
+            ToolCall(
+                name=_str(f"{where}.name", call["name"]),
+                arguments=arguments,
+                id=None if call_id is None else _str(f"{where}.id", call_id),
+            )
+        )
+    return tuple(calls)
+
+
+# Field -> parser: the one validator for header scripts, the queue and fixture files. Every
+# parser takes the field's name (for the message) and the JSON value, and returns the value
+# the `Script` holds or raises `ScriptError`.
+_FIELD_PARSERS: Final[Mapping[str, Callable[[str, object], Any]]] = {
+    "status": lambda name, value: _int(name, value, 200, 599),
+    "body": _body,
+    "headers": lambda _name, value: parse_headers(value),
+    "chunks": _chunks,
+    "delay_before_headers": _delay,
+    "delay_per_chunk": _delay,
+    "stream": _bool,
+    "ending": _choice(ENDINGS),
+    "after_chunks": lambda name, value: _int(name, value, 0),
+    "id": _str,
+    "created": lambda name, value: _int(name, value, 0),
+    "model": _str,
+    "finish_reason": _str,
+    "error": _error,
+    "error_shape": _choice(ERROR_SHAPES),
+    "tool_calls": _tool_calls,
+    "reasoning_tokens": lambda name, value: _int(name, value, 0),
+    "echo": _bool,
+}
+
+
 def parse_script(obj: object) -> Script:
     """Validate a decoded JSON script; raise `ScriptError` naming the first problem found."""
     if not isinstance(obj, Mapping):
@@ -149,40 +249,7 @@ def parse_script(obj: object) -> Script:
     unknown = sorted(set(obj) - set(FIELD_NAMES))
     if unknown:
         raise ScriptError(f"unknown field {unknown[0]!r}; known fields: {', '.join(FIELD_NAMES)}")
-    values: dict[str, Any] = {}
-    for name, value in obj.items():
-        if name == "status":
-            values[name] = _int(name, value, 200, 599)
-        elif name == "body":
-            if not isinstance(value, str | dict | list):
-                raise _bad(name, "a string (sent raw) or a JSON object or list", value)
-            values[name] = value
-        elif name == "headers":
-            values[name] = parse_headers(value)
-        elif name == "chunks":
-            if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-                raise _bad(name, "a list of strings", value)
-            values[name] = tuple(value)
-        elif name in ("delay_before_headers", "delay_per_chunk"):
-            values[name] = _delay(name, value)
-        elif name in ("stream", "echo"):
-            values[name] = _bool(name, value)
-        elif name == "ending":
-            if value not in ENDINGS:
-                raise ScriptError(
-                    f"field 'ending' must be one of {', '.join(ENDINGS)}; got {value!r}"
-                )
-            values[name] = value
-        elif name == "after_chunks":
-            values[name] = _int(name, value, 0)
-        elif name in ("id", "model", "finish_reason"):
-            values[name] = _str(name, value)
-        elif name == "created":
-            values[name] = _int(name, value, 0)
-        elif name == "error":
-            if not isinstance(value, Mapping):
-                raise _bad(name, "an object (the OpenAI error object)", value)
-            values[name] = dict(value)
+    values = {name: _FIELD_PARSERS[name](name, value) for name, value in obj.items()}
     return Script(**values, _raw=dict(obj))
 
 

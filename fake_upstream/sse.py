@@ -1,4 +1,5 @@
-"""Server-sent event framing, byte for byte as OpenAI writes it: `data: <json>\\n\\n`."""
+"""Server-sent event framing, byte for byte as OpenAI writes it: `data: <json>\\n\\n`, or
+`event: <type>\\ndata: <json>\\n\\n` on Responses streams."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ DONE: Final = "[DONE]"
 MALFORMED_EVENT: Final = b"data: {not json\n\n"
 
 
-def encode_event(data: str, sep: str = LF) -> bytes:
-    """One `data:` event; `sep` is the line ending (OpenAI uses LF; CRLF is a scripted variant)."""
-    return ServerSentEvent(data=data, sep=sep).encode()
+def encode_event(data: str, sep: str = LF, event: str | None = None) -> bytes:
+    """One `data:` event, after an `event:` line when `event` is given (the Responses API
+    names every event); `sep` is the line ending (OpenAI uses LF; CRLF is a scripted variant)."""
+    return ServerSentEvent(data=data, event=event, sep=sep).encode()
 
 
 def encode_comment(text: str, sep: str = LF) -> bytes:

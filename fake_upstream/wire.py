@@ -12,7 +12,8 @@ import json
 import struct
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Final
 
@@ -73,20 +74,75 @@ def prompt_text(request: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0) -> dict[str, Any]:
+    """Chat/completions usage. Reasoning tokens count in `completion_tokens`, as OpenAI bills
+    them; the details objects appear only when there are some, so plain replies keep the
+    short shape older models send."""
+    completion_tokens += reasoning_tokens
+    result: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if reasoning_tokens:
+        result["prompt_tokens_details"] = {"cached_tokens": 0, "audio_tokens": 0}
+        result["completion_tokens_details"] = {
+            "reasoning_tokens": reasoning_tokens,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        }
+    return result
+
+
+def output_tokens(chunks: Sequence[str], tool_calls: Sequence[FunctionCall]) -> int:
+    """The stand-in token count of an answer, without reasoning: one per chunk, ~4 characters
+    per token of tool-call arguments."""
+    return len(chunks) + sum(estimate_tokens(call.arguments) for call in tool_calls)
+
+
+def split_arguments(arguments: str) -> list[str]:
+    """A tool call's arguments in the pieces a model streams them in: at least two (the SDKs
+    must join fragments), about eight characters each."""
+    if len(arguments) < 2:
+        return [arguments, ""]
+    size = min(8, len(arguments) // 2)
+    return [arguments[i : i + size] for i in range(0, len(arguments), size)]
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionCall:
+    """A tool call as the wire shows it: its call id resolved."""
+
+    call_id: str
+    name: str
+    arguments: str
 
 
 # --- chat completions -------------------------------------------------------------------------
 
 
+def chat_tool_call(call: FunctionCall) -> dict[str, Any]:
+    return {
+        "id": call.call_id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
 def chat_completion(
-    *, id: str, created: int, model: str, content: str, finish_reason: str, usage: dict[str, int]
+    *,
+    id: str,
+    created: int,
+    model: str,
+    content: str | None,
+    finish_reason: str,
+    usage: dict[str, Any],
+    tool_calls: Sequence[FunctionCall] = (),
 ) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = [chat_tool_call(call) for call in tool_calls]
     return {
         "id": id,
         "object": "chat.completion",
@@ -95,7 +151,7 @@ def chat_completion(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": content, "refusal": None},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": finish_reason,
             }
@@ -113,10 +169,12 @@ def chat_chunk_events(
     chunks: Iterable[str],
     finish_reason: str,
     include_usage: bool,
-    usage: dict[str, int],
+    usage: dict[str, Any],
+    tool_calls: Sequence[FunctionCall] = (),
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The stream's events as (head, tail): head = role delta + one per content chunk,
-    tail = the `finish_reason` chunk and, with include_usage, the usage chunk."""
+    """The stream's events as (head, tail): head = role delta + one per content chunk, then
+    each tool call's fragments (WIRE.md, "Chat tool calls"); tail = the `finish_reason` chunk
+    and, with include_usage, the usage chunk."""
 
     def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
         event: dict[str, Any] = {
@@ -131,8 +189,23 @@ def chat_chunk_events(
             event["usage"] = None
         return event
 
-    head = [chunk({"role": "assistant", "content": "", "refusal": None}, None)]
+    chunks = list(chunks)
+    # A reply that is only tool calls opens with `content: null`, as the API sends it.
+    opening = "" if chunks or not tool_calls else None
+    head = [chunk({"role": "assistant", "content": opening, "refusal": None}, None)]
     head.extend(chunk({"content": text}, None) for text in chunks)
+    for index, call in enumerate(tool_calls):
+        first = {
+            "index": index,
+            "id": call.call_id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": ""},
+        }
+        head.append(chunk({"tool_calls": [first]}, None))
+        head.extend(
+            chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}, None)
+            for piece in split_arguments(call.arguments)
+        )
     tail = [chunk({}, finish_reason)]
     if include_usage:
         final = chunk({}, None)
@@ -146,7 +219,7 @@ def chat_chunk_events(
 
 
 def text_completion(
-    *, id: str, created: int, model: str, text: str, finish_reason: str, usage: dict[str, int]
+    *, id: str, created: int, model: str, text: str, finish_reason: str, usage: dict[str, Any]
 ) -> dict[str, Any]:
     return {
         "id": id,
@@ -167,7 +240,7 @@ def text_chunk_events(
     chunks: Iterable[str],
     finish_reason: str,
     include_usage: bool,
-    usage: dict[str, int],
+    usage: dict[str, Any],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Like `chat_chunk_events` for `/v1/completions` (no role delta in this API)."""
 
