@@ -36,6 +36,8 @@ class JournalEntry:
     body_sha256: str
     received_at: float
     script: dict[str, Any] | None = None
+    fixture: str | int | None = None
+    cassette: str | None = None
     status: int | None = None
     headers_sent_at: float | None = None
     chunks: list[ChunkRecord] = field(default_factory=list)
@@ -54,6 +56,8 @@ class JournalEntry:
             "body_sha256": self.body_sha256,
             "received_at": self.received_at,
             "script": self.script,
+            "fixture": self.fixture,
+            "cassette": self.cassette,
             "status": self.status,
             "headers_sent_at": self.headers_sent_at,
             "chunks": [
@@ -102,9 +106,22 @@ class Journal:
             self._changed.notify_all()
         return entry
 
-    def record_script(self, entry: JournalEntry, script: dict[str, Any] | None) -> None:
+    def record_script(
+        self,
+        entry: JournalEntry,
+        script: dict[str, Any] | None,
+        fixture: str | int | None = None,
+    ) -> None:
+        """The script chosen, and the fixture rule it came from (its name, else its index)."""
         with self._changed:
             entry.script = script
+            entry.fixture = fixture
+            self._changed.notify_all()
+
+    def record_cassette(self, entry: JournalEntry, name: str) -> None:
+        """The cassette file replayed for the request, or written for it."""
+        with self._changed:
+            entry.cassette = name
             self._changed.notify_all()
 
     def record_headers_sent(self, entry: JournalEntry, status: int) -> None:

@@ -2,7 +2,8 @@
 entry point `fake_upstream`, so installing the package makes them available everywhere).
 
 - `fake_upstream_server` (session): one `FakeUpstreamServer` on a free loopback port.
-- `fake_upstream` (function): the same server with its journal and script queue emptied first.
+- `fake_upstream` (function): the same server with its journal and script queue emptied, and
+  any fixtures or cassettes a previous test loaded dropped.
 
 Plain synchronous fixtures: they need no pytest-asyncio and work from sync and async tests.
 The server is imported inside the fixtures so that loading this plugin costs nothing.
@@ -30,10 +31,12 @@ def fake_upstream_server() -> Iterator[FakeUpstreamServer]:
 
 @pytest.fixture
 def fake_upstream(fake_upstream_server: FakeUpstreamServer) -> FakeUpstreamServer:
-    """The session's fake upstream, with an empty journal and script queue.
+    """The session's fake upstream, with an empty journal and script queue, no fixtures and no
+    cassettes.
 
     `.url`, `.base_url` (`.url + "/v1"`), `.journal()`, `.queue(*scripts)`, `.clear()`,
-    `.wait_for_journal(predicate, timeout=5.0)`.
+    `.wait_for_journal(predicate, timeout=5.0)`, `.load_fixtures(path, strict=None)`,
+    `.use_cassettes(directory, mode="replay" | "record" | "once", upstream=URL)`.
     """
-    fake_upstream_server.clear()
+    fake_upstream_server.reset()
     return fake_upstream_server

@@ -10,14 +10,24 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from fake_upstream.app import create_app, journal_of, script_queue_of
+from fake_upstream.app import (
+    create_app,
+    fixtures_of,
+    journal_of,
+    script_queue_of,
+    set_cassette_deck,
+)
+from fake_upstream.cassettes import Mode, Timing
+from fake_upstream.fixtures import FixtureRule
 from fake_upstream.journal import JournalSnapshot
+from fake_upstream.playback import Recording, make_deck
 from fake_upstream.responses import TRANSPORT_EXTENSION
 from fake_upstream.scripts import parse_queue_request
 
@@ -206,3 +216,38 @@ class FakeUpstreamServer:
         """Empty the journal and the script queue."""
         journal_of(self.app).clear()
         script_queue_of(self.app).clear()
+
+    def reset(self) -> None:
+        """`clear()`, and drop loaded fixtures, strict mode and cassettes (what the `fake_upstream`
+        pytest fixture does before each test)."""
+        self.clear()
+        fixtures_of(self.app).clear()
+        set_cassette_deck(self.app, None)
+
+    # --- fixtures and cassettes ---
+
+    def load_fixtures(self, path: str | Path, *, strict: bool | None = None) -> list[FixtureRule]:
+        """Add the rules of a fixture file or directory (as `--fixtures`) after those loaded;
+        `strict=True` makes unmatched requests a 400 (`--strict`). Raises `FixtureError` (a
+        ValueError) naming the file and the rule; then nothing is added."""
+        fixtures = fixtures_of(self.app)
+        rules = fixtures.load(path)
+        if strict is not None:
+            fixtures.strict = strict
+        return rules
+
+    def use_cassettes(
+        self,
+        directory: str | Path,
+        mode: Mode = "replay",
+        *,
+        upstream: str | None = None,
+        timing: Timing = "recorded",
+    ) -> Literal["replay", "record"]:
+        """Serve every `/v1` request from the cassettes in `directory` (`replay`), or pass them
+        through to `upstream` and write one cassette per exchange there (`record`); `once`
+        replays if the directory holds cassettes, else records. Returns what it does. Until
+        `reset()`, scripts and fixtures are not consulted."""
+        deck = make_deck(directory, mode, upstream=upstream, timing=timing)
+        set_cassette_deck(self.app, deck)
+        return "record" if isinstance(deck, Recording) else "replay"

@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import selectors
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
-
-def read_line(process: subprocess.Popen[bytes], timeout: float) -> str:
-    """The first stdout line, or fail after `timeout` seconds (readline could block forever).
-    Reads the raw fd: a buffered reader would hide data from select()."""
-    assert process.stdout is not None
-    fd = process.stdout.fileno()
-    deadline = time.monotonic() + timeout
-    received = b""
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while b"\n" not in received:
-            if not selector.select(max(0.0, deadline - time.monotonic())):
-                raise AssertionError(f"no line from {process.args} within {timeout}s: {received!r}")
-            data = os.read(fd, 4096)
-            if not data:
-                raise AssertionError(f"{process.args} exited early: {received!r}")
-            received += data
-    return received.decode().splitlines()[0]
+from tests.fake_upstream.cli_process import read_line
 
 
 def test_serves_on_a_free_port_and_stops_on_sigint() -> None:
