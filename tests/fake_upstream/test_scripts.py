@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 
 from fake_upstream.scripts import (
+    _FIELD_PARSERS,
+    FIELD_NAMES,
     SCENARIOS,
     Script,
     ScriptError,
+    ToolCall,
     parse_queue_request,
     parse_script,
     script_from_headers,
@@ -80,14 +84,53 @@ BAD_SCRIPTS: list[tuple[Any, str]] = [
     ({"ending": "explode"}, "field 'ending' must be one of done, close, reset"),
     ({"after_chunks": -1}, "field 'after_chunks' must be an integer >= 0"),
     ({"error": "boom"}, "field 'error' must be an object"),
+    ({"error_shape": "square"}, "field 'error_shape' must be one of nested, flat"),
+    ({"reasoning_tokens": -1}, "field 'reasoning_tokens' must be an integer >= 0"),
+    ({"tool_calls": {"name": "f"}}, "field 'tool_calls' must be a list"),
+    ({"tool_calls": ["f"]}, "field 'tool_calls[0]' must be an object"),
+    ({"tool_calls": [{"arguments": "{}"}]}, "field 'tool_calls[0]': 'name' is required"),
+    ({"tool_calls": [{"name": "f", "args": "{}"}]}, "unknown key 'args'"),
+    (
+        {"tool_calls": [{"name": "f", "arguments": {"a": 1}}]},
+        "'tool_calls[0].arguments' must be a string",
+    ),
+    ({"tool_calls": [{"name": 3}]}, "field 'tool_calls[0].name' must be a string"),
     ([1], "a script must be a JSON object"),
 ]
 
 
 @pytest.mark.parametrize(("script", "message"), BAD_SCRIPTS)
 def test_bad_scripts_are_refused_with_a_reason(script: Any, message: str) -> None:
-    with pytest.raises(ScriptError, match=message.replace("(", r"\(")):
+    with pytest.raises(ScriptError, match=re.escape(message)):
         parse_script(script)
+
+
+def test_the_parser_table_covers_every_field() -> None:
+    assert set(_FIELD_PARSERS) == set(FIELD_NAMES)
+
+
+def test_new_fields_parse() -> None:
+    script = parse_script(
+        {
+            "tool_calls": [
+                {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                {"name": "noop", "id": "call_7"},
+            ],
+            "reasoning_tokens": 12,
+            "error_shape": "flat",
+            "ending": "incomplete",
+        }
+    )
+    assert script.tool_calls == (
+        ToolCall("get_weather", '{"city":"Paris"}'),
+        ToolCall("noop", "{}", "call_7"),
+    )
+    assert (script.reasoning_tokens, script.error_shape, script.ending) == (
+        12,
+        "flat",
+        "incomplete",
+    )
+    assert parse_script({"ending": "failed"}).ending == "failed"
 
 
 def test_header_script_overrides_scenario() -> None:
