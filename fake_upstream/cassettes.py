@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -275,17 +275,27 @@ def cassette_from_json(obj: object) -> Cassette:
             f"not a cassette: expected {{'fake_upstream_cassette': {FORMAT_VERSION}, ...}}"
         )
     request = _need(obj, "request", Mapping, "")
+    method = _need(request, "method", str, "request ")
+    path = _need(request, "path", str, "request ")
+    query = request.get("query", "")
+    if not isinstance(query, str):
+        raise CassetteError("request 'query' must be a string")
+    request_headers = _pairs(request.get("headers", []), "request ")
+    request_body = _decode_body(request)
     response = _need(obj, "response", Mapping, "")
+    status = _need(response, "status", int, "response ")
+    response_headers = _pairs(response.get("headers", []), "response ")
+    headers_ms = float(_need(response, "headers_ms", (int, float), "response "))
     chunks = _need(response, "chunks", list, "response ")
     return Cassette(
-        method=_need(request, "method", str, "request "),
-        path=_need(request, "path", str, "request "),
-        query=request.get("query", "") if isinstance(request.get("query"), str) else "",
-        request_headers=_pairs(request.get("headers", []), "request "),
-        request_body=_decode_body(request),
-        status=_need(response, "status", int, "response "),
-        response_headers=_pairs(response.get("headers", []), "response "),
-        headers_ms=float(_need(response, "headers_ms", (int, float), "response ")),
+        method=method,
+        path=path,
+        query=query,
+        request_headers=request_headers,
+        request_body=request_body,
+        status=status,
+        response_headers=response_headers,
+        headers_ms=headers_ms,
         chunks=tuple(_chunk(c, i) for i, c in enumerate(chunks)),
         recorded_at=str(obj.get("recorded_at", "")),
         upstream=str(obj.get("upstream", "")),
@@ -350,7 +360,7 @@ def write_cassette(directory: Path, cassette: Cassette) -> Path:
         recorded_at=cassette.recorded_at or now_iso(),
         upstream=redact_url(cassette.upstream),
     )
-    data = json.dumps(cassette_to_json(safe), indent=2, ensure_ascii=False).encode() + b"\n"
+    data = cassette_text(safe).encode()
     directory.mkdir(parents=True, exist_ok=True)
     stem = cassette_stem(safe.key)
     ordinal = 1 + max((_ordinal(p) for p in directory.glob(f"{stem}-*.json")), default=0)
@@ -364,6 +374,18 @@ def write_cassette(directory: Path, cassette: Cassette) -> Path:
             ordinal += 1
             continue
         return path
+
+
+_STRING = r'"(?:[^"\\]|\\.)*"'  # JSON strings hold no raw newline, so these cannot overreach
+_PAIR = re.compile(rf"\[\n\s*({_STRING}),\n\s*({_STRING})\n\s*\]")
+_CHUNK = re.compile(rf'\{{\n\s*"ms": ([-+.eE0-9]+),\n\s*("(?:text|base64)"): ({_STRING})\n\s*\}}')
+
+
+def cassette_text(cassette: Cassette) -> str:
+    """The file's text: indented JSON with each header pair and each chunk on one line."""
+    text = json.dumps(cassette_to_json(cassette), indent=2, ensure_ascii=False)
+    text = _PAIR.sub(r"[\1, \2]", text)
+    return _CHUNK.sub(r'{"ms": \1, \2: \3}', text) + "\n"
 
 
 def now_iso() -> str:
@@ -429,6 +451,3 @@ def has_cassettes(directory: str | Path) -> bool:
     path = Path(directory)
     return path.is_dir() and any(path.glob("*.json"))
 
-
-def parse_pairs(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
