@@ -48,8 +48,7 @@ UPSTREAM_BAD_RESPONSE = ProxyError(
 UPSTREAM_CONNECTION_CLOSED = ProxyError(
     502,
     "upstream_connection_closed",
-    "The upstream closed the connection before answering, and the request cannot safely be "
-    "sent again.",
+    "The upstream closed the connection before sending a response.",
     "upstream_error",
 )
 UPSTREAM_TIMEOUT = ProxyError(

@@ -236,8 +236,7 @@ class _Connection(asyncio.Protocol):
         self._error: UpstreamError | None = None
         self._head_only = False  # a HEAD request: no body, whatever the headers say
         self._ends_at_eof = False  # a body delimited by the connection's close
-        self._body_received = 0
-        self._tail_bytes = 0  # bytes since the last body data: chunk lines and trailers
+        self._tail_bytes = 0  # bytes read since the last body data: chunk lines and trailers
         self._trailer_bytes = 0
         self._nothing_written = False  # the request's first write failed: no byte left
         self._paused = False
@@ -280,7 +279,6 @@ class _Connection(asyncio.Protocol):
                     ResponseError(f"the response head is over {MAX_HEAD_BYTES} bytes")
                 )
                 return
-        body_before = self._body_received
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -293,21 +291,17 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as error:
             self._fail_and_close(ResponseError(f"invalid HTTP response: {error}"))
         else:
-            if not in_body or self._complete:
+            if not in_body:
                 return
             # Trailers, like the head, are held by httptools until each field ends: complete
-            # ones are counted in `on_header`; here, the bytes of one that does not end, with no
-            # body data among them (all of a read that also carried body, plus whole reads
-            # that carried none; so one read of slack over the limit).
-            body = self._body_received - body_before
-            if body:
-                self._tail_bytes = len(data) - body
-            else:
-                self._tail_bytes += len(data)
-                if self._tail_bytes > MAX_TRAILER_BYTES + _HEAD_READ_SLACK:
-                    self._fail_and_close(
-                        ResponseError(f"the response trailers are over {MAX_TRAILER_BYTES} bytes")
-                    )
+            # ones are counted in `on_header`; here, the bytes of one that does not end. Reads
+            # since the last body data (`on_body` resets the count) are summed: the read that
+            # also carried body counts whole, so the bound has one read of slack.
+            self._tail_bytes += len(data)
+            if self._tail_bytes > MAX_TRAILER_BYTES + _HEAD_READ_SLACK and not self._complete:
+                self._fail_and_close(
+                    ResponseError(f"the response trailers are over {MAX_TRAILER_BYTES} bytes")
+                )
 
     def eof_received(self) -> bool | None:
         # Never handed out again from now on: `connection_lost` (which settles the exchange)
@@ -380,7 +374,7 @@ class _Connection(asyncio.Protocol):
             return
         self._chunks.append(body)
         self._buffered += len(body)
-        self._body_received += len(body)
+        self._tail_bytes = 0
         if self._buffered > _PAUSE_ABOVE and not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()
@@ -723,7 +717,10 @@ class _Pool:
             return
         now = time.monotonic()
         connection.idle_since = now
-        connection.idle_until = now + reuse_window(self._keepalive, connection.keepalive_hint)
+        hint = connection.keepalive_hint
+        connection.idle_until = now + (
+            self._keepalive if hint is None else reuse_window(self._keepalive, hint)
+        )
         self._idle.setdefault(origin, collections.deque()).append(connection)
         if self._sweeper is None:  # the loop is looked up only then: it costs a system call
             self._sweeper = asyncio.get_running_loop().call_later(self._keepalive, self._sweep)

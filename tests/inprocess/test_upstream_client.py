@@ -1330,6 +1330,32 @@ async def test_trailers_over_the_limit_are_a_response_error(
         await eventually(lambda: upstream.ended == 1)
 
 
+@pytest.mark.parametrize("piece", [4096, 1024 * 1024], ids=["small-reads", "one-read"])
+async def test_a_complete_trailer_over_the_limit_is_refused_however_it_is_read(
+    make_client: ClientFactory, piece: int
+) -> None:
+    answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+        + b"X-T: "
+        + b"t" * (MAX_TRAILER_BYTES + 1024)
+        + b"\r\n\r\n"
+    )
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        for start in range(0, len(answer), piece):
+            writer.write(answer[start : start + piece])
+            await writer.drain()
+        await until_eof(reader)
+
+    async with scripted(handler) as (origin, _):
+        client = make_client()
+        response = await fetch(client, origin)
+        with pytest.raises(ResponseError, match="trailers"):
+            await read_body(response)
+        response.close()
+
+
 async def test_trailers_within_the_limit_end_the_body_and_keep_the_connection(
     make_client: ClientFactory,
 ) -> None:
@@ -1344,7 +1370,19 @@ async def test_trailers_within_the_limit_end_the_body_and_keep_the_connection(
 
 @pytest.mark.parametrize(
     "coding",
-    [b"gzip", b"deflate", b"gzip, chunked", b"chunked, gzip", b"x-custom"],
+    [
+        b"gzip",
+        b"deflate",
+        b"gzip, chunked",
+        b"chunked, gzip",
+        b"x-custom",
+        # Lists llhttp frames otherwise than as one final chunked (it would relay the framing).
+        b"chunked, identity",
+        b"chunked, chunked",
+        b"chunked\t",
+        b"chunked,",
+        b", chunked",
+    ],
 )
 async def test_a_transfer_coding_the_client_does_not_decode_is_a_response_error(
     make_client: ClientFactory, coding: bytes
