@@ -450,4 +450,3 @@ def load_library(directory: str | Path) -> CassetteLibrary:
 def has_cassettes(directory: str | Path) -> bool:
     path = Path(directory)
     return path.is_dir() and any(path.glob("*.json"))
-

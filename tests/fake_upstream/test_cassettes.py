@@ -396,3 +396,23 @@ def test_reset_stops_cassettes(tmp_path: Path, fake_upstream: FakeUpstreamServer
     assert httpx.get(f"{fake_upstream.base_url}/models", timeout=10).status_code == 404
     fake_upstream.reset()
     assert httpx.get(f"{fake_upstream.base_url}/models", timeout=10).status_code == 200
+
+
+def test_a_responses_stream_replays_to_the_same_events(
+    tmp_path: Path, fake_upstream: FakeUpstreamServer, upstream: FakeUpstreamServer
+) -> None:
+    def events() -> list[tuple[str, int]]:
+        with (
+            openai.OpenAI(base_url=fake_upstream.base_url, api_key=API_KEY, max_retries=0) as c,
+            c.responses.stream(model="gpt-4.1", input="Say hello") as stream,
+        ):
+            seen = [(event.type, event.sequence_number) for event in stream]
+            assert stream.get_final_response().output_text == "".join(CHUNKS)
+        return seen
+
+    fake_upstream.use_cassettes(tmp_path, "record", upstream=upstream.url)
+    upstream.queue({"chunks": CHUNKS})
+    recorded = events()
+    fake_upstream.use_cassettes(tmp_path, "replay", timing="none")
+    assert events() == recorded
+    assert recorded[-1] == ("response.completed", len(recorded) - 1)

@@ -358,6 +358,11 @@ SDK_RULES = [
     },
     {"match": {"contains": "hello"}, "script": {"chunks": ["Hi again"]}},
     {"name": "acme", "match": {"headers": {"x-tenant": "acme"}}, "script": "rate_limited"},
+    {
+        "name": "responses-weather",
+        "match": {"path": "/v1/responses", "tool": "get_weather", "contains": "Paris"},
+        "script": {"chunks": ["Rain", " in Paris"]},
+    },
 ]
 WEATHER_TOOL: openai.types.chat.ChatCompletionToolParam = {
     "type": "function",
@@ -394,9 +399,16 @@ def test_a_fixture_file_drives_the_cli_under_strict(tmp_path: Path) -> None:
         assert caught.value.code == "no_fixture_matched"
         assert "POST /v1/chat/completions, model 'gpt-3.5-turbo'" in caught.value.message
         assert "last user message 'goodbye'" in caught.value.message
+        response = client.responses.create(
+            model="gpt-4.1",
+            input=[{"role": "user", "content": [{"type": "input_text", "text": "Paris?"}]}],
+            tools=[{"type": "function", "name": "get_weather", "parameters": {}, "strict": False}],
+        )
+        assert response.output_text == "Rain in Paris"
         journal = httpx.get(f"{url}/_fake/journal", timeout=10).json()
-    assert [entry["fixture"] for entry in journal] == ["weather", "first-hello", 2, "acme", None]
-    assert [entry["status"] for entry in journal] == [200, 200, 200, 429, 400]
+    fixtures = ["weather", "first-hello", 2, "acme", None, "responses-weather"]
+    assert [entry["fixture"] for entry in journal] == fixtures
+    assert [entry["status"] for entry in journal] == [200, 200, 200, 429, 400, 200]
 
 
 def test_a_bad_fixture_file_is_one_line_naming_the_file_and_rule(tmp_path: Path) -> None:
