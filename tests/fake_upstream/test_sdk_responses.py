@@ -321,7 +321,7 @@ def test_stall_holds_until_the_client_leaves(
             base_url=fake_upstream.base_url,
             api_key="k",
             max_retries=0,
-            timeout=httpx.Timeout(10, read=0.3),
+            timeout=httpx.Timeout(10, read=1.0),
         ) as client,
         client.responses.stream(
             model=MODEL, input="x", extra_headers=script(ending="stall", after_chunks=1)
