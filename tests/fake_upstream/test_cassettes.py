@@ -416,3 +416,35 @@ def test_a_responses_stream_replays_to_the_same_events(
     fake_upstream.use_cassettes(tmp_path, "replay", timing="none")
     assert events() == recorded
     assert recorded[-1] == ("response.completed", len(recorded) - 1)
+
+
+def test_a_client_leaving_mid_body_cancels_the_upstream_and_writes_nothing(
+    tmp_path: Path, fake_upstream: FakeUpstreamServer, upstream: FakeUpstreamServer
+) -> None:
+    fake_upstream.use_cassettes(tmp_path, "record", upstream=upstream.url)
+    upstream.queue("stall_mid_stream")
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream(
+            "POST", f"{fake_upstream.base_url}/chat/completions", json=STREAM_REQUEST
+        ) as response,
+    ):
+        received = response.iter_raw()
+        for _ in range(3):  # the role delta and two content chunks, then the stall
+            next(received)
+    upstream.wait_for_journal(lambda j: j[0]["disconnected"])
+    (entry,) = fake_upstream.wait_for_journal(lambda j: j[0]["disconnected"])
+    assert entry["cassette"] is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_upstream_failing_mid_body_breaks_the_response_and_writes_nothing(
+    tmp_path: Path, fake_upstream: FakeUpstreamServer, upstream: FakeUpstreamServer
+) -> None:
+    fake_upstream.use_cassettes(tmp_path, "record", upstream=upstream.url)
+    upstream.queue("reset_mid_stream")
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.post(f"{fake_upstream.base_url}/chat/completions", json=STREAM_REQUEST, timeout=10)
+    (entry,) = fake_upstream.journal()
+    assert (entry["completed"], entry["cassette"]) == (False, None)
+    assert list(tmp_path.iterdir()) == []

@@ -331,15 +331,34 @@ def test_responses_requests_match_on_input_and_tools(
     assert [entry["fixture"] for entry in fake_upstream.journal()] == [0, 1, None]
 
 
-def test_the_pytest_fixture_drops_rules_between_tests_part_1(
-    tmp_path: Path, fake_upstream: FakeUpstreamServer
+pytest_plugins = ["pytester"]
+
+INNER_TESTS = """
+import httpx
+
+def test_loads_strict_rules_and_cassettes(fake_upstream, tmp_path):
+    rules = tmp_path / "f.json"
+    rules.write_text('[{"match": {"model": "nothing-matches-this"}}]')
+    fake_upstream.load_fixtures(rules, strict=True)
+    assert httpx.get(fake_upstream.base_url + "/models").status_code == 400
+
+def test_then_the_next_test_starts_without_them(fake_upstream, tmp_path):
+    assert httpx.get(fake_upstream.base_url + "/models").status_code == 200
+    fake_upstream.use_cassettes(tmp_path, "replay")
+    assert httpx.get(fake_upstream.base_url + "/models").status_code == 404
+
+def test_and_without_cassettes(fake_upstream):
+    assert httpx.get(fake_upstream.base_url + "/models").status_code == 200
+"""
+
+
+def test_the_pytest_fixture_drops_rules_and_cassettes_between_tests(
+    pytester: pytest.Pytester,
 ) -> None:
-    fake_upstream.load_fixtures(write_rules(tmp_path / "f.json", [{}]), strict=True)
-
-
-def test_the_pytest_fixture_drops_rules_between_tests_part_2(http: httpx.Client) -> None:
-    response = http.post("/v1/chat/completions", json={"model": "m", "messages": []})
-    assert response.status_code == 200
+    pytester.makepyfile(INNER_TESTS)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly").assert_outcomes(
+        passed=3
+    )
 
 
 # --- the CLI and the SDK ---------------------------------------------------------------------
