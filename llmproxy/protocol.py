@@ -46,6 +46,11 @@ MAX_HEADER_BYTES = 64 * 1024  # the request line, header fields and trailer fiel
 DEFAULT_CLIENT_HEADER_TIMEOUT = 60.0  # nginx's client_header_timeout
 DEFAULT_CLIENT_BODY_TIMEOUT = 60.0  # nginx's client_body_timeout
 
+# Reads larger than this are fed to the parser in slices of it, so that the head limit holds
+# within one slice whatever the read size (see `data_received`); smaller reads, nearly all of
+# them, go in whole.
+_FEED_SLICE = 16 * 1024
+
 # The app's lifespan state (uvicorn hands it to every connection's protocol as `app_state`)
 # carries the configured client timeouts: (header, body) in seconds.
 CLIENT_TIMEOUTS_STATE = "llmproxy.client_timeouts"
@@ -347,11 +352,21 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         # The parser holds a field until its line ends, so the limit must hold on bytes as
         # they arrive: `_unparsed` counts every byte since the head began (or since the last
-        # body bytes, for trailers) and only the end of the head or body bytes reset it. A read
-        # that ends one message and starts the next is counted from the next read on.
-        self._unparsed += len(data)
+        # body bytes, for trailers) and only the end of the head or body bytes reset it. What
+        # follows the last reset within one feed is counted from the next feed on, so a large
+        # read is fed in slices: the limit then holds within one slice.
+        view = memoryview(data) if len(data) > _FEED_SLICE else None
+        offset = 0
         try:
-            self.parser.feed_data(data)
+            if view is None:
+                self._unparsed += len(data)
+                self.parser.feed_data(data)
+            else:
+                while offset < len(data) and self._unparsed <= MAX_HEADER_BYTES:
+                    piece = view[offset : offset + _FEED_SLICE]
+                    self._unparsed += len(piece)
+                    self.parser.feed_data(piece)
+                    offset += len(piece)
         except httptools.HttpParserCallbackError as error:
             refusal = error.__context__
             if isinstance(refusal, _RefusedRequestError):
@@ -366,7 +381,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
             else:
-                self._ignore_upgrade(data[upgrade.args[0] :])
+                self._ignore_upgrade(data[offset + upgrade.args[0] :])
             return
         if self._unparsed > MAX_HEADER_BYTES:
             # (A target is reported in pieces as it arrives, so on_url alone bounds it.)

@@ -122,6 +122,21 @@ async def test_a_refusal_leaves_after_a_response_already_written_in_the_same_tur
         task.cancel()
 
 
+async def test_a_huge_trailer_arriving_in_the_same_read_as_the_body_is_still_refused() -> None:
+    # Body bytes reset the count of bytes held by the parser; without slicing a large read,
+    # a trailer in the same read as the body's last chunk was never counted at all.
+    transport = RecordingTransport()
+    protocol = make_protocol(transport)
+    protocol.data_received(
+        b"POST /v1/x HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\nX-Trailer: " + b"t" * (100 * 1024)
+    )
+    await asyncio.sleep(0)
+    assert transport.written().startswith(b"HTTP/1.1 431 ")
+    for task in protocol.tasks:
+        task.cancel()
+
+
 # --- item 14: the uvicorn internals llmproxy.protocol uses --------------------------------------
 
 PROTOCOL_METHODS = (
