@@ -10,13 +10,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fake_upstream.app import create_app
+    from fake_upstream.cassettes import CassetteError
+    from fake_upstream.fixtures import FixtureError
     from fake_upstream.journal import Journal, JournalTimeoutError
     from fake_upstream.scripts import SCENARIOS, Script, ScriptError
     from fake_upstream.server import FakeUpstreamServer
 
 __all__ = [
     "SCENARIOS",
+    "CassetteError",
     "FakeUpstreamServer",
+    "FixtureError",
     "Journal",
     "JournalTimeoutError",
     "Script",
@@ -26,6 +30,8 @@ __all__ = [
 
 _HOMES = {
     "create_app": "fake_upstream.app",
+    "CassetteError": "fake_upstream.cassettes",
+    "FixtureError": "fake_upstream.fixtures",
     "Journal": "fake_upstream.journal",
     "JournalTimeoutError": "fake_upstream.journal",
     "SCENARIOS": "fake_upstream.scripts",

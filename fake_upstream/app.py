@@ -1,5 +1,6 @@
 """The fake upstream's FastAPI app: OpenAI-shaped `/v1` endpoints driven by scripts, plus the
-`/_fake` control API. All state (journal, script queue, latency) lives on `app.state`, so two
+`/_fake` control API. All state (journal, script queue, fixture rules, cassette deck, latency)
+lives on `app.state`, so two
 apps in one process never share anything."""
 
 from __future__ import annotations
