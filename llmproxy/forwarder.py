@@ -315,11 +315,12 @@ class Forwarder:
         record.status = upstream.status
         content_type = upstream.header(b"content-type") or b""
         is_sse = content_type.startswith(b"text/event-stream")
-        # An error event can end only an SSE body whose length was not announced.
+        # An error event can end only an SSE body whose length was not announced, and only
+        # such a body can take keep-alive comments (they would overrun a Content-Length).
         can_end_with_event = is_sse and upstream.header(b"content-length") is None
         chunks: UpstreamResponse | _WithKeepalive = (
             _WithKeepalive(upstream, self._keepalive)
-            if is_sse and self._keepalive is not None
+            if can_end_with_event and self._keepalive is not None
             else upstream
         )
         metrics.ACTIVE_STREAMS.inc()

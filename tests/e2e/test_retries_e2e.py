@@ -6,6 +6,7 @@ upstream, queues the upstream's answers, and reads the fake's journal for what h
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -15,7 +16,7 @@ import pytest
 
 from tests.e2e.conftest import Target, start_proxy
 from tests.e2e.fake_client import FakeUpstreamClient
-from tests.support import free_port
+from tests.support import free_port, raw_tcp_upstream, read_request_head
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 UNAVAILABLE = {
@@ -127,6 +128,39 @@ def test_keepalive_comments_fill_silences_only_between_events(
     assert all(e == b": keep-alive" or b": keep-alive" not in e for e in events)
     # ...and without the comments the stream is byte-identical to the upstream's.
     assert through.replace(b": keep-alive\n\n", b"") == direct
+
+
+async def test_an_sse_body_with_content_length_gets_no_keepalive_comment(
+    self_hosted: Target,
+) -> None:
+    # A comment would make the body longer than its announced length: uvicorn raised
+    # "Response content longer than Content-Length" and cut the stream.
+    events = [b'data: {"n":1}\n\n', b'data: {"n":2}\n\n', b"data: [DONE]\n\n"]
+    body = b"".join(events)
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await read_request_head(reader)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body) + events[0]
+            )
+            await writer.drain()
+            await asyncio.sleep(0.6)  # a silence of four keep-alive intervals is the scenario
+            writer.write(events[1] + events[2])
+            await writer.drain()
+            await reader.read()  # until the proxy closes or reuses it
+        finally:
+            writer.close()
+
+    async with raw_tcp_upstream(upstream) as upstream_url:
+        with start_proxy(f"{upstream_url}/v1", sse_keepalive=0.15) as proxy:
+            async with httpx.AsyncClient(timeout=30) as client:
+                response = await client.post(
+                    f"{proxy.url}/v1/chat/completions", json=CHAT | {"stream": True}
+                )
+    assert response.status_code == 200
+    assert response.content == body
 
 
 def test_keepalive_is_off_by_default(self_hosted: Target, fake: FakeUpstreamClient) -> None:
