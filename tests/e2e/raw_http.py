@@ -53,6 +53,16 @@ class RawResponse:
         return json.loads(self.body)
 
 
+def assert_proxy_error(response: RawResponse, status: int, code: str) -> None:
+    """`response` is one of the proxy's own errors: `status`, the OpenAI shape, `code`."""
+    assert response.status == status, response
+    assert response.header("content-type") == b"application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    assert error["param"] is None
+
+
 class RawConnection:
     """One client connection that writes exact bytes and reads responses one at a time."""
 

@@ -18,7 +18,14 @@ import pytest
 
 from tests.e2e.conftest import Target, start_proxy
 from tests.e2e.fake_client import FakeUpstreamClient
-from tests.e2e.raw_http import RawConnection, RawResponse, connect, exchange, request_bytes
+from tests.e2e.raw_http import (
+    RawConnection,
+    RawResponse,
+    assert_proxy_error,
+    connect,
+    exchange,
+    request_bytes,
+)
 from tests.support import raw_tcp_upstream, read_request_head
 
 pytestmark = pytest.mark.e2e
@@ -28,14 +35,6 @@ GRACE = 1.0  # the done-criterion: closed within the timeout + 1 s
 CHAT = "/v1/chat/completions"
 BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"slow"}]}'
 HEAD_LIMIT = 64 * 1024
-
-
-def assert_openai_error(response: RawResponse, status: int, code: str) -> None:
-    assert response.status == status, response
-    assert response.header("content-type") == b"application/json"
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["code"] == code
 
 
 @contextlib.asynccontextmanager
@@ -71,7 +70,7 @@ async def test_a_head_trickled_one_line_at_a_time_gets_408_within_the_header_tim
                 await connection.send(b"X-Slow: 1\r\n")
             await asyncio.wait([answer], timeout=0.2)
         response = await answer
-        assert_openai_error(response, 408, "request_timeout")
+        assert_proxy_error(response, 408, "request_timeout")
         assert time.monotonic() - started < TIMEOUT + GRACE
         assert response.header("connection") == b"close"
         assert await connection.closed_by_peer(GRACE)
@@ -101,7 +100,7 @@ async def test_the_header_timeout_of_a_kept_alive_connection_starts_at_its_next_
         # ...and has its own full timeout from its first byte, not from the connection's start.
         response = await connection.read_response(TIMEOUT + GRACE + 1)
         waited = time.monotonic() - next_byte
-        assert_openai_error(response, 408, "request_timeout")
+        assert_proxy_error(response, 408, "request_timeout")
         assert TIMEOUT * 0.9 <= waited < TIMEOUT + GRACE
 
 
@@ -113,7 +112,7 @@ async def test_a_stalled_body_gets_408_and_nothing_reaches_the_upstream(
         await connection.send(head[: -len(BODY) + 10])  # the head and 10 body bytes
         started = time.monotonic()
         response = await connection.read_response(TIMEOUT + GRACE + 1)
-        assert_openai_error(response, 408, "request_timeout")
+        assert_proxy_error(response, 408, "request_timeout")
         assert time.monotonic() - started < TIMEOUT + GRACE
         assert await connection.closed_by_peer(GRACE)
     assert fake.journal() == []
@@ -201,7 +200,7 @@ async def test_an_unterminated_header_value_gets_431_as_soon_as_it_passes_the_li
         response = await send_past_the_limit(
             connection, b"GET /v1/models HTTP/1.1\r\nHost: p\r\nX-Big: ", b"a" * 8192
         )
-    assert_openai_error(response, 431, "request_header_fields_too_large")
+    assert_proxy_error(response, 431, "request_header_fields_too_large")
     assert fake.journal() == []
 
 
@@ -210,7 +209,7 @@ async def test_an_unterminated_request_target_gets_414(
 ) -> None:
     async with connect(target.proxy_url) as connection:
         response = await send_past_the_limit(connection, b"GET /v1/models?q=", b"a" * 8192)
-    assert_openai_error(response, 414, "uri_too_long")
+    assert_proxy_error(response, 414, "uri_too_long")
     assert fake.journal() == []
 
 
@@ -219,7 +218,7 @@ async def test_a_request_target_over_the_limit_gets_414_even_when_it_ends(
 ) -> None:
     target_bytes = b"/v1/models?q=" + b"a" * HEAD_LIMIT
     response = await exchange(target.proxy_url, request_bytes("GET", target_bytes))
-    assert_openai_error(response, 414, "uri_too_long")
+    assert_proxy_error(response, 414, "uri_too_long")
 
 
 async def test_a_huge_trailer_on_a_chunked_request_gets_431_and_is_not_forwarded(
@@ -231,7 +230,7 @@ async def test_a_huge_trailer_on_a_chunked_request_gets_431_and_is_not_forwarded
     )
     async with connect(target.proxy_url) as connection:
         response = await send_past_the_limit(connection, start, b"t" * 8192)
-    assert_openai_error(response, 431, "request_header_fields_too_large")
+    assert_proxy_error(response, 431, "request_header_fields_too_large")
     assert fake.journal() == []
 
 
@@ -248,7 +247,7 @@ async def test_many_complete_trailer_fields_over_the_limit_get_431(
         + b"\r\n"
     )
     response = await exchange(target.proxy_url, data)
-    assert_openai_error(response, 431, "request_header_fields_too_large")
+    assert_proxy_error(response, 431, "request_header_fields_too_large")
     assert fake.journal() == []
 
 

@@ -30,7 +30,13 @@ from hypothesis import strategies as st
 from llmproxy.testing import ProxyServer
 from tests.e2e.conftest import E2E_DEFAULT_HEADERS, UPSTREAM_SECRET, Target, start_proxy
 from tests.e2e.fake_client import FakeUpstreamClient
-from tests.e2e.raw_http import RawResponse, connect, exchange, request_bytes
+from tests.e2e.raw_http import (
+    RawResponse,
+    assert_proxy_error,
+    connect,
+    exchange,
+    request_bytes,
+)
 from tests.support import raw_tcp_upstream, read_request_head
 
 pytestmark = pytest.mark.e2e
@@ -63,15 +69,6 @@ def assert_no_secret(response: RawResponse, secrets: tuple[bytes, ...], *, body:
     if body:
         for secret in secrets:
             assert secret not in response.body, f"{secret!r} leaked in the response body"
-
-
-def assert_proxy_error(response: RawResponse, status: int, code: str) -> None:
-    assert response.status == status, response
-    assert response.header("content-type") == b"application/json"
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["code"] == code
-    assert error["param"] is None
 
 
 def assert_server_rejected(response: RawResponse) -> None:
