@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from fake_upstream.scripts import Script, ScriptError, parse_queue_entry
+from fake_upstream.scripts import Script, ScriptError, parse_queue_entry, type_name
 
 RULE_KEYS: Final = ("name", "match", "script", "times")
 MATCH_KEYS: Final = ("path", "model", "contains", "tool", "headers")
@@ -202,21 +202,9 @@ def summarize_request(facts: RequestFacts) -> str:
 # --- parsing --------------------------------------------------------------------------------
 
 
-def _type_name(value: object) -> str:
-    return {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "an object",
-        type(None): "null",
-    }.get(type(value), type(value).__name__)
-
-
 def _parse_match(obj: object) -> FixtureMatch:
     if not isinstance(obj, Mapping):
-        raise FixtureError(f"'match' must be an object, got {_type_name(obj)}")
+        raise FixtureError(f"'match' must be an object, got {type_name(obj)}")
     unknown = sorted(set(obj) - set(MATCH_KEYS))
     if unknown:
         raise FixtureError(
@@ -226,7 +214,7 @@ def _parse_match(obj: object) -> FixtureMatch:
     for key in ("path", "model", "contains", "tool"):
         if key in obj:
             if not isinstance(obj[key], str):
-                raise FixtureError(f"match: {key!r} must be a string, got {_type_name(obj[key])}")
+                raise FixtureError(f"match: {key!r} must be a string, got {type_name(obj[key])}")
             values[key] = obj[key]
     if "headers" in obj:
         headers = obj["headers"]
@@ -241,16 +229,16 @@ def _parse_match(obj: object) -> FixtureMatch:
 def parse_rule(obj: object, index: int, source: str = "") -> FixtureRule:
     """One rule; raises FixtureError (without the file and rule prefix) naming the problem."""
     if not isinstance(obj, Mapping):
-        raise FixtureError(f"a rule must be an object, got {_type_name(obj)}")
+        raise FixtureError(f"a rule must be an object, got {type_name(obj)}")
     unknown = sorted(set(obj) - set(RULE_KEYS))
     if unknown:
         raise FixtureError(f"unknown key {unknown[0]!r}; known keys: {', '.join(RULE_KEYS)}")
     name = obj.get("name")
     if name is not None and not isinstance(name, str):
-        raise FixtureError(f"'name' must be a string, got {_type_name(name)}")
+        raise FixtureError(f"'name' must be a string, got {type_name(name)}")
     times = obj.get("times")
     if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
-        raise FixtureError(f"'times' must be an integer >= 1, got {_type_name(times)} {times!r}")
+        raise FixtureError(f"'times' must be an integer >= 1, got {type_name(times)} {times!r}")
     try:
         script = parse_queue_entry(obj.get("script", {}))
     except ScriptError as exc:
@@ -269,7 +257,7 @@ def parse_rules(obj: object, source: str, first_index: int = 0) -> list[FixtureR
     N counts from 0 within the file, the rules' `index` from `first_index`."""
     if not isinstance(obj, list):
         raise FixtureError(
-            f"{source}: a fixture file must hold a JSON list of rules, got {_type_name(obj)}"
+            f"{source}: a fixture file must hold a JSON list of rules, got {type_name(obj)}"
         )
     rules = []
     for position, raw in enumerate(obj):

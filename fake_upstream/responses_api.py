@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from fake_upstream.wire import FunctionCall, output_tokens, split_arguments
+from fake_upstream.wire import FunctionCall, content_texts, output_tokens, split_arguments
 
 DEFAULT_ERROR_MESSAGE: Final = (
     "The server had an error while processing your request. Sorry about that!"
@@ -74,15 +74,8 @@ def input_text(request: Mapping[str, Any]) -> str:
             parts.append(value)
         elif isinstance(value, list):
             for item in value:
-                content = item.get("content") if isinstance(item, Mapping) else None
-                if isinstance(content, str):
-                    parts.append(content)
-                elif isinstance(content, list):
-                    parts.extend(
-                        p["text"]
-                        for p in content
-                        if isinstance(p, Mapping) and isinstance(p.get("text"), str)
-                    )
+                if isinstance(item, Mapping):
+                    parts.extend(content_texts(item.get("content")))
     return "\n".join(parts)
 
 

@@ -86,7 +86,8 @@ class Script:
 FIELD_NAMES: Final[tuple[str, ...]] = tuple(f.name for f in fields(Script) if f.name != "_raw")
 
 
-def _type_name(value: object) -> str:
+def type_name(value: object) -> str:
+    """How an error message names the JSON type of `value` ('a string', 'an object', ...)."""
     return {
         bool: "a boolean",
         int: "an integer",
@@ -99,7 +100,7 @@ def _type_name(value: object) -> str:
 
 
 def _bad(name: str, expected: str, value: object) -> ScriptError:
-    return ScriptError(f"field {name!r} must be {expected}, got {_type_name(value)} {value!r}")
+    return ScriptError(f"field {name!r} must be {expected}, got {type_name(value)} {value!r}")
 
 
 def _delay(name: str, value: object) -> float:
@@ -245,7 +246,7 @@ _FIELD_PARSERS: Final[Mapping[str, Callable[[str, object], Any]]] = {
 def parse_script(obj: object) -> Script:
     """Validate a decoded JSON script; raise `ScriptError` naming the first problem found."""
     if not isinstance(obj, Mapping):
-        raise ScriptError(f"a script must be a JSON object, got {_type_name(obj)} {obj!r}")
+        raise ScriptError(f"a script must be a JSON object, got {type_name(obj)} {obj!r}")
     unknown = sorted(set(obj) - set(FIELD_NAMES))
     if unknown:
         raise ScriptError(f"unknown field {unknown[0]!r}; known fields: {', '.join(FIELD_NAMES)}")
@@ -333,7 +334,7 @@ def script_from_headers(scenario_name: str | None, script_json: str | None) -> S
         except json.JSONDecodeError as exc:
             raise ScriptError(f"x-fake-script: not valid JSON: {exc}") from None
         if not isinstance(inline, Mapping):
-            got = f"{_type_name(inline)} {inline!r}"
+            got = f"{type_name(inline)} {inline!r}"
             raise ScriptError(f"x-fake-script: a script must be a JSON object, got {got}")
         merged.update(inline)
     try:
@@ -355,7 +356,7 @@ def parse_queue_request(obj: object) -> list[Script]:
         raise ScriptError('the body must be a JSON object {"scripts": [script, ...]}')
     entries = obj["scripts"]
     if not isinstance(entries, Sequence) or isinstance(entries, str):
-        raise ScriptError(f"'scripts' must be a list, got {_type_name(entries)} {entries!r}")
+        raise ScriptError(f"'scripts' must be a list, got {type_name(entries)} {entries!r}")
     scripts = []
     for index, entry in enumerate(entries):
         try:

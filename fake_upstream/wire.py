@@ -53,19 +53,23 @@ def estimate_tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
+def content_texts(content: object) -> list[str]:
+    """The text of a message's `content`: a string, or the `text` of each part of a list."""
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [
+            p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str)
+        ]
+    return []
+
+
 def prompt_text(request: Mapping[str, Any]) -> str:
     """All text a chat or completions request asks about, for the usage numbers."""
     parts: list[str] = []
     for message in request.get("messages") or []:
-        content = message.get("content") if isinstance(message, Mapping) else None
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):
-            parts.extend(
-                p["text"]
-                for p in content
-                if isinstance(p, Mapping) and isinstance(p.get("text"), str)
-            )
+        if isinstance(message, Mapping):
+            parts.extend(content_texts(message.get("content")))
     prompt = request.get("prompt")
     if isinstance(prompt, str):
         parts.append(prompt)
