@@ -335,6 +335,12 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self._complete:
+            # A message after the final response, in the read that ended it or a later one
+            # while the response is still open: an answer to no request (a 1xx included, which
+            # `on_headers_complete` would otherwise skip). The exchange stands; the connection
+            # is closed, so that reuse does not depend on how the bytes were cut into reads.
+            raise ResponseError("the upstream sent a message after the response")
         self._headers = []
         self._head_bytes = 0
 
@@ -352,11 +358,19 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
-        if 100 <= status < 200:
-            return  # informational (100 Continue, 103 Early Hints): the real answer follows
         if self._response is not None:
-            raise ResponseError("the upstream sent a second response")
+            raise ResponseError("the upstream sent a second response")  # 1xx included
+        status = self._parser.get_status_code()
+        if not 100 <= status < 600:
+            # llhttp takes any three digits. RFC 9110 §15: codes outside 100-599 are invalid,
+            # and a client SHOULD process such a response as a 5xx; for a gateway that is a
+            # 502 (upstream_bad_response). 600-999 too (h11 and llhttp accept them): the RFC
+            # names them as libraries' internal codes, not answers; relayed, they would reach
+            # SDKs that classify answers by range, and no retry status can name them
+            # (`retry_statuses` are 400-599). A single O(1) check per head.
+            raise ResponseError(f"the upstream sent status {status:03d}, outside 100-599")
+        if status < 200:
+            return  # informational (100 Continue, 103 Early Hints): the real answer follows
         headers = self._headers
         self._headers = []  # a chunked body's trailers, if any, go here, not into the response
         if not self._head_only:  # (HEAD answers end here, and their connections are not reused)

@@ -459,6 +459,58 @@ async def test_informational_responses_before_the_final_one_are_skipped(
         assert upstream.accepted == 1
 
 
+INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+async def test_an_interim_response_after_the_final_one_in_the_same_read_closes_the_connection(
+    make_client: ClientFactory,
+) -> None:
+    """Bytes after the final response's end are no answer to any request: never reused.
+
+    llhttp parses on in the same read, and a 1xx head there was skipped like the 1xx before a
+    final response, so the connection went back to the pool (a later read closed it).
+    """
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request_head(reader)
+            writer.write(OK + INTERIM)  # one write of 64 bytes: one read on loopback
+            await writer.drain()
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client()
+        assert await fetch_whole(client, origin) == b"ok"
+        await eventually(lambda: client.pool_counts() == (0, 0))
+        assert await fetch_whole(client, origin) == b"ok"
+        assert upstream.accepted == 2
+
+
+async def test_an_interim_response_after_the_body_but_before_the_close_closes_the_connection(
+    make_client: ClientFactory,
+) -> None:
+    """The same in a later read that comes while the response is still open (not yet closed)."""
+    body_read = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(OK)
+        await writer.drain()
+        await body_read.wait()
+        writer.write(INTERIM)
+        await writer.drain()
+        await until_eof(reader)
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client()
+        response = await fetch(client, origin)
+        assert await read_body(response) == b"ok"
+        body_read.set()
+        await eventually(lambda: internals(response).closed)
+        response.close()
+        assert client.pool_counts() == (0, 0)
+        await eventually(lambda: upstream.ended == 1)
+
+
 # -- 5 and 6. responses without a body ---------------------------------------------------------
 
 
@@ -591,6 +643,44 @@ async def test_an_answer_that_is_not_an_http_response_is_a_response_error(
             await fetch(client, origin)
         assert client.pool_counts() == (0, 0)
         await eventually(lambda: upstream.ended == 1)
+
+
+@pytest.mark.parametrize(
+    "status_line",
+    [b"HTTP/1.1 000 Zero", b"HTTP/1.1 099 Odd", b"HTTP/1.1 600 Odd", b"HTTP/1.1 999 Odd"],
+    ids=["000", "099", "600", "999"],
+)
+async def test_a_status_code_outside_100_to_599_is_a_response_error(
+    make_client: ClientFactory, status_line: bytes
+) -> None:
+    """RFC 9110 §15: codes outside 100-599 are invalid (llhttp takes any three digits)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(status_line + b"\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await until_eof(reader)  # the connection stays open: the client must refuse by itself
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client()
+        with pytest.raises(ResponseError, match="status"):
+            await fetch(client, origin)
+        assert client.pool_counts() == (0, 0)
+        await eventually(lambda: upstream.ended == 1)
+
+
+@pytest.mark.parametrize("status", [100, 199, 200, 599])
+async def test_the_status_codes_at_the_ends_of_100_to_599_are_accepted(
+    make_client: ClientFactory, status: int
+) -> None:
+    interim = b"HTTP/1.1 %d Interim\r\n\r\n" % status if status < 200 else b""
+    final = b"HTTP/1.1 %d Final\r\nContent-Length: 2\r\n\r\nok" % max(status, 200)
+    async with scripted(answer_each(interim + final)) as (origin, _):
+        client = make_client()
+        response = await fetch(client, origin)
+        assert response.status == max(status, 200)
+        assert await read_body(response) == b"ok"
+        response.close()
 
 
 @pytest.mark.parametrize(
