@@ -1,8 +1,12 @@
-"""The FastAPI application: lifespan, the hot-path dispatch to the forwarder, operational routes."""
+"""The FastAPI application: lifespan, the hot-path dispatch to the forwarder, operational routes.
+
+`create_app()` builds one; `app` is the module-level one that ASGI servers find by name.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,10 +24,16 @@ from llmproxy.config import Configuration, get_configuration
 from llmproxy.descriptors import DescriptorWatch
 from llmproxy.errors import ProxyError
 from llmproxy.forwarder import Forwarder, create_upstream_client, send_proxy_error
-from llmproxy.protocol import CLIENT_TIMEOUTS_STATE
+from llmproxy.protocol import CLIENT_TIMEOUTS_STATE, serves_lifespan
 
 NOT_READY = ProxyError(
     503, "proxy_not_ready", "The proxy is starting or stopping; try again.", "proxy_error"
+)
+# One line at start-up when another server (or uvicorn with its own protocol) runs the app.
+UNHARDENED_WARNING = (
+    "llmproxy: not served by its hardened HTTP protocol, so request trailers pass as headers, "
+    "non-WebSocket Upgrade requests lose their body, head limits and client timeouts are off "
+    "and each request needs a disconnect watcher task; `llmproxy serve` is the supported way"
 )
 
 
@@ -44,6 +54,8 @@ class ProxyApp(FastAPI):
             else:
                 await forwarder(scope, receive, send)
             return
+        if scope["type"] == "lifespan" and not serves_lifespan(receive):
+            logging.getLogger("llmproxy").warning(UNHARDENED_WARNING)
         await super().__call__(scope, receive, send)
 
 
@@ -118,10 +130,12 @@ def create_app() -> ProxyApp:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
 
+    # Each route answers with a `Response` of its own: a model-typed return would make FastAPI
+    # build a response field, whose first build imports pydantic.v1 (24 ms of every import).
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
+    async def healthz() -> Response:
         """The process is up."""
-        return {"status": "ok"}
+        return Response(b'{"status":"ok"}', media_type="application/json")
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -137,3 +151,9 @@ def create_app() -> ProxyApp:
         return Response(b'{"status":"ready"}', media_type="application/json")
 
     return app
+
+
+# The app that `uvicorn llmproxy.app:app` and `fastapi run llmproxy/app.py` find. Like any
+# `create_app()`, it reads its configuration at start-up, not at import. `llmproxy serve` builds
+# its own (`llmproxy.cli:create_served_app`), served by the hardened protocol.
+app = create_app()

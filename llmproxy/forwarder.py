@@ -201,7 +201,7 @@ class Forwarder:
                 signal.callback = exchange.client_left
             self.active_requests += 1
             try:
-                await self._attempts(
+                await self.proxy_chat_completions(
                     scope["method"],
                     raw_path,
                     scope["query_string"],
@@ -229,7 +229,7 @@ class Forwarder:
             log_request(record, self._format_log)
             metrics.observe(record)
 
-    async def _attempts(
+    async def proxy_chat_completions(
         self,
         method: str,
         raw_path: bytes,
@@ -239,7 +239,19 @@ class Forwarder:
         send: Send,
         exchange: _Exchange,
     ) -> None:
-        """The loop of attempts (DESIGN §6): try, ask `decide`, wait, try the next upstream."""
+        """Forward one request: the loop of attempts (DESIGN §6), try, ask `decide`, wait, retry.
+
+        Named for the endpoint the proxy began with; every forwarded `/v1` request, chat
+        completions or any other, comes here straight from `__call__`, with no wrapper in
+        between: each coroutine level costs on every resumption of the innermost await.
+
+        The `while True` is bounded: `decide` allows no attempt past `max_attempts`, and starts
+        no wait that would end at or past `retry_deadline` (counted from the first attempt);
+        each attempt is bounded by the upstream client's connect and read timeouts. Every path
+        but a granted retry returns. An unbounded loop would be a defect: a down or
+        rate-limiting upstream would hold the client, a connection and a concurrency slot
+        without end, and multiply the load on an upstream that is already failing.
+        """
         record = exchange.record
         loop_started = time.monotonic()
         index = 0

@@ -511,3 +511,14 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self._phase = _LINGER
         self._since = self.loop.time()
         self._arm(self._since + LINGER_SECONDS)
+
+
+def serves_lifespan(receive: Any) -> bool:
+    """Whether the server running this lifespan (its `receive`) speaks `ProxyHttpProtocol`.
+
+    Told by uvicorn's `LifespanOn`, whose bound `receive` carries the server's loaded `Config`;
+    any other server, or uvicorn with another protocol, does not serve it.
+    """
+    config = getattr(getattr(receive, "__self__", None), "config", None)
+    protocol = getattr(config, "http_protocol_class", None)
+    return isinstance(protocol, type) and issubclass(protocol, ProxyHttpProtocol)

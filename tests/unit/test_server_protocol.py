@@ -19,7 +19,7 @@ from uvicorn.protocols.http import httptools_impl
 from uvicorn.server import ServerState
 
 from llmproxy.descriptors import DescriptorWatch, is_exhaustion, should_warn
-from llmproxy.protocol import ProxyHttpProtocol, _WritesJoinedPerTurn
+from llmproxy.protocol import ProxyHttpProtocol, _WritesJoinedPerTurn, serves_lifespan
 
 
 class RecordingTransport:
@@ -258,3 +258,22 @@ async def test_asyncio_accept_errors_become_one_warning_and_other_errors_pass_on
     warnings = [r for r in caplog.records if "out of file descriptors" in r.getMessage()]
     assert len(warnings) == 1
     assert [context["message"] for context in passed_on] == ["something else"]
+
+
+@pytest.mark.parametrize(
+    ("http", "hardened"),
+    [(ProxyHttpProtocol, True), ("httptools", False), ("h11", False)],
+)
+def test_the_lifespan_tells_which_protocol_uvicorn_serves(http: Any, hardened: bool) -> None:
+    """`serves_lifespan` reads uvicorn's `LifespanOn.receive.__self__.config` (an internal)."""
+    from uvicorn.lifespan.on import LifespanOn
+
+    lifespan = LifespanOn(uvicorn.Config(app=object(), http=http))
+    assert serves_lifespan(lifespan.receive) is hardened
+
+
+def test_a_lifespan_of_another_server_is_not_served_by_the_protocol() -> None:
+    async def receive() -> dict[str, Any]:
+        return {"type": "lifespan.startup"}
+
+    assert serves_lifespan(receive) is False
