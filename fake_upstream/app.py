@@ -15,12 +15,15 @@ from typing import Any, Final
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.requests import HTTPConnection
+from starlette.routing import WebSocketRoute
 
 from fake_upstream import responses_api, wire
 from fake_upstream.fixtures import FixtureSet, NoFixtureMatchedError
 from fake_upstream.journal import Journal
 from fake_upstream.plan import Step, plan_body, plan_named_stream, plan_stream
 from fake_upstream.playback import CassetteDeck, serve_from_deck
+from fake_upstream.realtime import WEBSOCKET_PATHS, RealtimeEndpoint
 from fake_upstream.response_store import ResponseStore, last_response_object
 from fake_upstream.responses import ScriptedResponse
 from fake_upstream.script_queue import ScriptQueue
@@ -65,6 +68,9 @@ def create_app(latency: float = 0.0, *, journal_limit: int | None = 10_000) -> F
     app.state.responses = ResponseStore()
     app.include_router(_control)
     app.add_api_route("/v1/{rest:path}", _serve_v1, methods=_METHODS, include_in_schema=False)
+    # WebSocket handshakes (a route matches only its own scope type, so order does not matter).
+    endpoint = RealtimeEndpoint()
+    app.router.routes.extend(WebSocketRoute(path, endpoint) for path in WEBSOCKET_PATHS)
     return app
 
 
@@ -157,7 +163,7 @@ async def _serve_v1(request: Request) -> Response:
     if deck is not None:
         return await serve_from_deck(deck, arrival, journal, entry)
     try:
-        script, fixture = _script_for(request, arrival)
+        script, fixture = script_for(request, arrival)
     except NoFixtureMatchedError as exc:
         script = Script()
         reply = _json_reply(400, wire.request_error(str(exc), code="no_fixture_matched"), script)
@@ -179,11 +185,11 @@ async def _serve_v1(request: Request) -> Response:
     )
 
 
-def _script_for(request: Request, arrival: Arrival) -> tuple[Script, str | int | None]:
+def script_for(request: HTTPConnection, arrival: Arrival) -> tuple[Script, str | int | None]:
     """Header script (scenario and/or inline) if the request carries one, else the next queued
     script, else the first fixture rule that matches (returned with its journal label), else
     the default (or NoFixtureMatchedError when strict). A request with its own script leaves
-    the queue and the rules' uses alone."""
+    the queue and the rules' uses alone. (WebSocket handshakes choose theirs the same way.)"""
     values = {}
     for name in (SCENARIO_HEADER, SCRIPT_HEADER):
         found = request.headers.getlist(name)

@@ -25,6 +25,62 @@ class ChunkRecord:
 
 
 @dataclass(slots=True)
+class MessageRecord:
+    """One WebSocket message: `direction` is `client_to_server` or `server_to_client`."""
+
+    direction: str
+    at: float
+    kind: str  # "text" or "bytes"
+    size: int
+    text: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "direction": self.direction,
+            "at": self.at,
+            "kind": self.kind,
+            "size": self.size,
+            "text": self.text,
+        }
+
+
+@dataclass(slots=True)
+class CloseRecord:
+    code: int
+    reason: str
+    at: float
+
+
+@dataclass(slots=True)
+class WebSocketRecord:
+    """What a WebSocket session did, beside the entry's handshake (path, query, headers)."""
+
+    subprotocols: list[str]
+    subprotocol: str | None = None
+    accepted_at: float | None = None
+    messages: list[MessageRecord] = field(default_factory=list)
+    server_close: CloseRecord | None = None
+    client_close: CloseRecord | None = None
+    ending: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        def close(record: CloseRecord | None) -> dict[str, Any] | None:
+            if record is None:
+                return None
+            return {"code": record.code, "reason": record.reason, "at": record.at}
+
+        return {
+            "subprotocols": list(self.subprotocols),
+            "subprotocol": self.subprotocol,
+            "accepted_at": self.accepted_at,
+            "messages": [message.to_json() for message in self.messages],
+            "server_close": close(self.server_close),
+            "client_close": close(self.client_close),
+            "ending": self.ending,
+        }
+
+
+@dataclass(slots=True)
 class JournalEntry:
     """One `/v1` request. Mutated only through `Journal` so waiters see each change."""
 
@@ -45,10 +101,12 @@ class JournalEntry:
     disconnected: bool = False
     disconnected_at: float | None = None
     chunks_before_disconnect: int | None = None
+    websocket: WebSocketRecord | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "kind": "http" if self.websocket is None else "websocket",
             "method": self.method,
             "path": self.path,
             "query": self.query,
@@ -67,6 +125,7 @@ class JournalEntry:
             "disconnected": self.disconnected,
             "disconnected_at": self.disconnected_at,
             "chunks_before_disconnect": self.chunks_before_disconnect,
+            "websocket": None if self.websocket is None else self.websocket.to_json(),
         }
 
 
@@ -145,6 +204,54 @@ class Journal:
             entry.disconnected = True
             entry.disconnected_at = time.time()
             entry.chunks_before_disconnect = len(entry.chunks)
+            self._changed.notify_all()
+
+    # --- WebSocket sessions (entries opened with `open(...)`, then `start_websocket`) ---
+
+    def start_websocket(self, entry: JournalEntry, subprotocols: list[str]) -> WebSocketRecord:
+        with self._changed:
+            entry.websocket = WebSocketRecord(subprotocols=list(subprotocols))
+            self._changed.notify_all()
+            return entry.websocket
+
+    def record_accepted(self, entry: JournalEntry, subprotocol: str | None) -> None:
+        """The `101`: `status` and `headers_sent_at` as for HTTP, and the chosen subprotocol."""
+        with self._changed:
+            now = time.time()
+            entry.status = 101
+            entry.headers_sent_at = now
+            if entry.websocket is not None:
+                entry.websocket.subprotocol = subprotocol
+                entry.websocket.accepted_at = now
+            self._changed.notify_all()
+
+    def record_message(self, entry: JournalEntry, direction: str, data: str | bytes) -> None:
+        with self._changed:
+            if entry.websocket is not None:
+                text = data if isinstance(data, str) else None
+                kind = "text" if isinstance(data, str) else "bytes"
+                size = len(data.encode()) if isinstance(data, str) else len(data)
+                entry.websocket.messages.append(
+                    MessageRecord(direction, time.time(), kind, size, text)
+                )
+            self._changed.notify_all()
+
+    def record_close(self, entry: JournalEntry, side: str, code: int, reason: str) -> None:
+        """A close frame `side` ("server" or "client") sent; the client's also marks it gone."""
+        with self._changed:
+            record = CloseRecord(code, reason, time.time())
+            if entry.websocket is not None:
+                if side == "server":
+                    entry.websocket.server_close = record
+                else:
+                    entry.websocket.client_close = record
+            self._changed.notify_all()
+
+    def record_ending(self, entry: JournalEntry, ending: str) -> None:
+        """How the server ended the session on purpose: `close`, `reset`, `stall`."""
+        with self._changed:
+            if entry.websocket is not None:
+                entry.websocket.ending = ending
             self._changed.notify_all()
 
     def entries(self) -> JournalSnapshot:

@@ -76,6 +76,8 @@ class Script:
     tool_calls: tuple[ToolCall, ...] = ()
     reasoning_tokens: int = 0
     echo: bool = False
+    close_code: int | None = None
+    close_reason: str = ""
     _raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def as_json(self) -> dict[str, Any]:
@@ -218,6 +220,25 @@ def _tool_calls(name: str, value: object) -> tuple[ToolCall, ...]:
     return tuple(calls)
 
 
+# Close codes a WebSocket endpoint may send (RFC 6455 §7.4): 1004-1006 and 1015 are reserved
+# for the peers' own reports, and websockets refuses anything else below 3000.
+_CLOSE_CODES: Final = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)})
+
+
+def _close_code(name: str, value: object) -> int:
+    code = _int(name, value, 1000, 4999)
+    if code not in _CLOSE_CODES:
+        raise _bad(name, "a close code a server may send (1000-1003, 1007-1014, 3000-4999)", value)
+    return code
+
+
+def _close_reason(name: str, value: object) -> str:
+    reason = _str(name, value)
+    if len(reason.encode()) > 123:  # a close frame's payload is at most 125 bytes
+        raise ScriptError(f"field {name!r} must be at most 123 bytes of UTF-8, got {reason!r}")
+    return reason
+
+
 # Field -> parser: the one validator for header scripts, the queue and fixture files. Every
 # parser takes the field's name (for the message) and the JSON value, and returns the value
 # the `Script` holds or raises `ScriptError`.
@@ -240,6 +261,8 @@ _FIELD_PARSERS: Final[Mapping[str, Callable[[str, object], Any]]] = {
     "tool_calls": _tool_calls,
     "reasoning_tokens": lambda name, value: _int(name, value, 0),
     "echo": _bool,
+    "close_code": _close_code,
+    "close_reason": _close_reason,
 }
 
 

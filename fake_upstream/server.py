@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
 
 from fake_upstream.app import (
     create_app,
@@ -43,6 +45,18 @@ class TransportExposingProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope["extensions"] = {TRANSPORT_EXTENSION: {"transport": self.transport}}
+
+
+class TransportExposingWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O `websockets` protocol, plus the same transport extension in each
+    session's scope, so a scripted `reset` can abort a WebSocket too."""
+
+    def handle_connect(self, event: Request) -> None:
+        # The scope is built and the app's task created (not yet run) in here.
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"][TRANSPORT_EXTENSION] = {"transport": self.transport}
 
 
 class _Server(uvicorn.Server):
@@ -89,6 +103,7 @@ def url_of(sock: socket.socket) -> str:
 def make_config(app: FastAPI, **overrides: Any) -> uvicorn.Config:
     options: dict[str, Any] = {
         "http": TransportExposingProtocol,
+        "ws": TransportExposingWebSocketProtocol,
         "lifespan": "off",
         "timeout_graceful_shutdown": 2,
     }

@@ -169,6 +169,7 @@ def serve(configuration: Configuration, log_level: str) -> None:
             workers=configuration.workers,
             loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
             http=ProxyHttpProtocol,  # uvicorn's httptools protocol, hardened
+            ws="none",  # upgrade offers are served as plain HTTP until the relay (issue 12)
             log_level=log_level,
             access_log=False,  # one log line per request is the proxy's own job
             server_header=False,  # the upstream's Server and Date headers pass through instead

@@ -64,6 +64,7 @@ class ProxyServer:
             log_level=log_level,
             lifespan="on",
             http=ProxyHttpProtocol,
+            ws="none",  # upgrade offers are served as plain HTTP until the relay (issue 12)
             server_header=False,
             date_header=False,
         )
