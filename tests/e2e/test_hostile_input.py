@@ -233,7 +233,8 @@ async def test_hop_by_hop_headers_are_stripped_and_the_body_forwarded(
 async def test_a_websocket_handshake_without_the_key_is_a_plain_get(
     target: Target, fake: FakeUpstreamClient
 ) -> None:
-    # No `Sec-WebSocket-Key`, and uvicorn runs without a websocket library: no 101, no tunnel.
+    # No `Sec-WebSocket-Key`, and the proxy's uvicorn runs with `ws="none"` until the relay of
+    # issue 12 lands: no 101, no tunnel.
     response = await exchange(
         target.proxy_url,
         request_bytes(
