@@ -202,7 +202,6 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self._unparsed = 0  # bytes fed since the head began or body bytes last came
         self._url_parts: list[bytes] | None = None  # a target that arrived in pieces
         self._in_trailers = False
-        self._refusal: _RefusedRequestError | None = None
         self._upgrade_body_left: int | None = None  # body bytes still owed after an upgrade offer
         self._header_timeout, self._body_timeout = self.app_state.get(
             CLIENT_TIMEOUTS_STATE, (DEFAULT_CLIENT_HEADER_TIMEOUT, DEFAULT_CLIENT_BODY_TIMEOUT)
