@@ -2,40 +2,28 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 
 import httpx
 import pytest
 
-from tests.fake_upstream.cli_process import read_line
+from tests.fake_upstream.cli_process import running_fake_upstream
 
 
 def test_serves_on_a_free_port_and_stops_on_sigint() -> None:
-    command = [sys.executable, "-m", "fake_upstream", "--port", "0", "--latency", "0"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
-        try:
-            line = read_line(process, timeout=20)
-            url = line.split()[3]
-            assert line.startswith("fake-upstream listening on http://127.0.0.1:")
-            assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 200
-            # The CLI serves through the reset-capable runner, so this is a real TCP reset.
-            with pytest.raises(httpx.ReadError, match="Connection reset by peer"):
-                httpx.post(
-                    f"{url}/v1/chat/completions",
-                    json={"messages": []},
-                    headers={"x-fake-scenario": "reset_mid_stream"},
-                    timeout=10,
-                )
-        except BaseException:
-            process.kill()
-            raise
-        finally:
-            process.send_signal(signal.SIGINT)
-            _, stderr = process.communicate(timeout=10)
-    assert process.returncode == 0, stderr
-    assert b"Traceback" not in stderr
+    # running_fake_upstream checks the listening line, then that SIGINT ends it with status 0
+    # and no traceback.
+    with running_fake_upstream("--latency", "0") as url:
+        assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 200
+        # The CLI serves through the reset-capable runner, so this is a real TCP reset.
+        with pytest.raises(httpx.ReadError, match="Connection reset by peer"):
+            httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"messages": []},
+                headers={"x-fake-scenario": "reset_mid_stream"},
+                timeout=10,
+            )
 
 
 @pytest.mark.parametrize(
