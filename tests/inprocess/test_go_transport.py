@@ -42,8 +42,11 @@ from tests.support import (
 )
 
 
-def _answer_then_close_on_the_next_request(first: bytes = OK) -> RawHandler:
-    """Answer the first request on the first connection, then close as the next one arrives.
+def _answer_then_close_on_the_next_request(
+    first: bytes = OK, *, at_once: bool = False
+) -> RawHandler:
+    """Answer the first request on the first connection, then close as the next one arrives
+    (or, `at_once`, right after the answer).
 
     The idle-close race, widened: the upstream's idle timer fires exactly as a request comes in.
     Later connections answer every request with OK.
@@ -59,7 +62,8 @@ def _answer_then_close_on_the_next_request(first: bytes = OK) -> RawHandler:
         await read_request_head(reader)
         writer.write(first)
         await writer.drain()
-        await read_request_head(reader)
+        if not at_once:
+            await read_request_head(reader)
         # returning closes the connection: a FIN, no byte of an answer
 
     return handler
@@ -268,18 +272,8 @@ async def test_a_connection_the_upstream_closes_right_after_a_keep_alive_answer_
     Whether or not the client has read the close when the next request comes, that request is
     answered: on a new connection, or retried on one if it raced the close.
     """
-    connections = 0
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        if connections > 1:
-            await answer_each(OK)(reader, writer)
-            return
-        await read_request_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nFoo: Bar\r\nContent-Length: 0\r\n\r\n")  # keep-alive
-        await writer.drain()
-        # returning closes the connection
+    keep_alive_answer = b"HTTP/1.1 200 OK\r\nFoo: Bar\r\nContent-Length: 0\r\n\r\n"
+    handler = _answer_then_close_on_the_next_request(keep_alive_answer, at_once=True)
 
     async with scripted(handler) as (origin, upstream):
         client = make_client()
