@@ -12,6 +12,9 @@ import re
 from collections.abc import Sequence
 
 KEY_HEADERS = frozenset({"authorization", "x-api-key"})
+# Browsers cannot set headers on a WebSocket handshake, so OpenAI's Realtime API also takes the
+# key as a subprotocol offered next to `realtime` (DESIGN §10).
+KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
 _BEARER = re.compile(r"^\s*bearer\s+(\S+)\s*$", re.IGNORECASE)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -49,6 +52,26 @@ def authenticate(
                 authenticated = True
                 continue
         kept.append((name, value))
+    return kept if authenticated else None
+
+
+def authenticate_subprotocols(
+    subprotocols: Sequence[str], keys: Sequence[bytes]
+) -> list[str] | None:
+    """The offered subprotocols without those carrying a valid access key; None if none did.
+
+    Only a subprotocol that proved the client is removed: any other is the upstream's to accept
+    or refuse, as for headers.
+    """
+    kept: list[str] = []
+    authenticated = False
+    for subprotocol in subprotocols:
+        if subprotocol.startswith(KEY_SUBPROTOCOL_PREFIX) and is_access_key(
+            subprotocol[len(KEY_SUBPROTOCOL_PREFIX) :], keys
+        ):
+            authenticated = True
+            continue
+        kept.append(subprotocol)
     return kept if authenticated else None
 
 

@@ -11,7 +11,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 logger = logging.getLogger("llmproxy.access")
 
@@ -21,6 +21,12 @@ CLIENT_DISCONNECT = "client_disconnect"
 CLIENT_TIMEOUT = "client_timeout"  # closed by client_header_timeout / client_body_timeout
 UPSTREAM_ERROR = "upstream_error"
 PROXY_ERROR = "proxy_error"
+# How a WebSocket session ended, besides CLIENT_DISCONNECT, UPSTREAM_ERROR and PROXY_ERROR.
+CLIENT_CLOSED = "client_closed"  # the client sent a close frame
+UPSTREAM_CLOSED = "upstream_closed"  # the upstream sent a close frame
+UPSTREAM_REFUSED = "upstream_refused"  # the upstream answered the handshake with a non-101
+MESSAGE_TOO_BIG = "message_too_big"  # a message over max_ws_message_bytes (1009 to its sender)
+SHUTDOWN = "shutdown"  # still open at the drain deadline (1001 both ways)
 
 
 @dataclass(slots=True)
@@ -44,6 +50,45 @@ class RequestRecord:
     ending: str = COMPLETE
 
 
+@dataclass(slots=True)
+class SessionRecord:
+    """What the log line of one WebSocket session reports (one line when it ends)."""
+
+    path: str
+    request_id: str = ""
+    status: int | None = None  # 101, or the refusal's status
+    upstream_status: int | None = None
+    attempts: int = 0
+    messages_to_upstream: int = 0
+    bytes_to_upstream: int = 0
+    messages_to_client: int = 0
+    bytes_to_client: int = 0
+    # The close code each side sent, or received from the proxy; 1006: lost without one.
+    client_close_code: int | None = None
+    upstream_close_code: int | None = None
+    total_ms: float | None = None
+    ending: str = PROXY_ERROR
+
+
+def format_session_text(record: SessionRecord) -> str:
+    """A readable line: `WS /v1/realtime 101 ... client_close=1000 ... ending=client_closed`."""
+    total = "-" if record.total_ms is None else f"{record.total_ms:.1f}ms"
+    return (
+        f"{record.request_id} WS {record.path} {record.status or '-'}"
+        f" upstream={record.upstream_status or '-'} attempts={record.attempts}"
+        f" to_upstream={record.messages_to_upstream}msg/{record.bytes_to_upstream}B"
+        f" to_client={record.messages_to_client}msg/{record.bytes_to_client}B"
+        f" client_close={record.client_close_code or '-'}"
+        f" upstream_close={record.upstream_close_code or '-'}"
+        f" total={total} ending={record.ending}"
+    )
+
+
+def format_session_json(record: SessionRecord) -> str:
+    """The session's record as one compact JSON object, `"kind": "websocket"` first."""
+    return json.dumps({"kind": "websocket", **asdict(record)}, separators=(",", ":"))
+
+
 def format_text(record: RequestRecord) -> str:
     """A readable line: `POST /v1/chat/completions 200 ... ending=complete`."""
 
@@ -65,7 +110,10 @@ def format_json(record: RequestRecord) -> str:
     return json.dumps(asdict(record), separators=(",", ":"))
 
 
-def log_request(record: RequestRecord, formatter: Callable[[RequestRecord], str]) -> None:
+_Record = TypeVar("_Record", RequestRecord, SessionRecord)
+
+
+def log_request(record: _Record, formatter: Callable[[_Record], str]) -> None:
     """Emit the request's line at INFO (the formatting is skipped when INFO is off).
 
     The LogRecord is made directly: `logger.info` would look up the caller's source line on

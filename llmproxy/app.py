@@ -25,6 +25,7 @@ from llmproxy.descriptors import DescriptorWatch
 from llmproxy.errors import ProxyError
 from llmproxy.forwarder import Forwarder, create_upstream_client, send_proxy_error
 from llmproxy.protocol import CLIENT_TIMEOUTS_STATE, serves_lifespan
+from llmproxy.ws_relay import WebSocketRelay, send_upgrade_refusal
 
 NOT_READY = ProxyError(
     503, "proxy_not_ready", "The proxy is starting or stopping; try again.", "proxy_error"
@@ -45,6 +46,7 @@ class ProxyApp(FastAPI):
     """
 
     forwarder: Forwarder | None = None
+    websocket_relay: WebSocketRelay | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
@@ -53,6 +55,14 @@ class ProxyApp(FastAPI):
                 await send_proxy_error(send, NOT_READY)
             else:
                 await forwarder(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            # Every upgrade, whatever its path: the relay refuses those outside /v1 with 404.
+            relay = self.websocket_relay
+            if relay is None:
+                await send_upgrade_refusal(send, scope, NOT_READY)
+            else:
+                await relay(scope, receive, send)
             return
         if scope["type"] == "lifespan" and not serves_lifespan(receive):
             logging.getLogger("llmproxy").warning(UNHARDENED_WARNING)
@@ -76,6 +86,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     configuration = resolve_configuration(app)
     client = create_upstream_client(configuration)
     app.forwarder = Forwarder(configuration, client)
+    app.websocket_relay = WebSocketRelay(configuration, app.forwarder)
     watch = DescriptorWatch(asyncio.get_running_loop())
     watch.start()
     try:
@@ -90,6 +101,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     finally:
         watch.stop()
         app.forwarder = None
+        app.websocket_relay = None
         await client.close()
         flush_request_log()
 

@@ -152,6 +152,7 @@ def serve(configuration: Configuration, log_level: str) -> None:
     import uvicorn  # imported here so `llmproxy --help` and bad settings answer fast
 
     from llmproxy.protocol import ProxyHttpProtocol
+    from llmproxy.websocket_protocol import websocket_server_options
 
     with contextlib.ExitStack() as cleanup:
         if configuration.workers > 1 and not os.environ.get(MULTIPROCESS_ENV):
@@ -169,7 +170,7 @@ def serve(configuration: Configuration, log_level: str) -> None:
             workers=configuration.workers,
             loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
             http=ProxyHttpProtocol,  # uvicorn's httptools protocol, hardened
-            ws="none",  # upgrade offers are served as plain HTTP until the relay (issue 12)
+            **websocket_server_options(configuration.max_ws_message_bytes),
             log_level=log_level,
             access_log=False,  # one log line per request is the proxy's own job
             server_header=False,  # the upstream's Server and Date headers pass through instead

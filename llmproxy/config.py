@@ -71,6 +71,8 @@ class Configuration:
     access_keys: tuple[str, ...] = field(default=(), repr=False)
     access_keys_from_file: tuple[str, ...] = field(default=(), repr=False)
     max_body_bytes: int = 32 * 1024 * 1024
+    # The largest WebSocket message either side may send (DESIGN §10); larger closes with 1009.
+    max_ws_message_bytes: int = 16 * 1024 * 1024
     max_concurrent_requests: int | None = None  # per worker process; None = no cap
     log_format: str = "text"
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
@@ -136,6 +138,7 @@ class Configuration:
             f"sse_keepalive={self.sse_keepalive}, "
             f"access_keys={len(self.proxy_access_keys())} configured, "
             f"max_body_bytes={self.max_body_bytes}, "
+            f"max_ws_message_bytes={self.max_ws_message_bytes}, "
             f"max_concurrent_requests={self.max_concurrent_requests}, "
             f"log_format={self.log_format!r}, drain_timeout={self.drain_timeout}, "
             f"client_header_timeout={self.client_header_timeout}, "
@@ -276,8 +279,8 @@ def parse_access_keys_file(raw: object) -> tuple[str, ...]:
     return parse_access_keys(keys)
 
 
-def parse_max_body_bytes(raw: object) -> int:
-    """The largest request body accepted, in bytes."""
+def parse_byte_count(raw: object) -> int:
+    """A size limit in bytes (the largest request body, the largest WebSocket message)."""
     value = _parse_int(raw)
     if value < 1:
         raise ValueError(f"must be a whole number of bytes of at least 1, got {raw!r}")
@@ -372,7 +375,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sse_keepalive", "LLMPROXY_SSE_KEEPALIVE", "--sse-keepalive", parse_keepalive),
     Setting("access_keys", "LLMPROXY_ACCESS_KEYS", None, parse_access_keys),
     Setting("access_keys_from_file", "LLMPROXY_ACCESS_KEYS_FILE", None, parse_access_keys_file),
-    Setting("max_body_bytes", "LLMPROXY_MAX_BODY_BYTES", "--max-body-bytes", parse_max_body_bytes),
+    Setting("max_body_bytes", "LLMPROXY_MAX_BODY_BYTES", "--max-body-bytes", parse_byte_count),
+    Setting(
+        "max_ws_message_bytes",
+        "LLMPROXY_MAX_WS_MESSAGE_BYTES",
+        "--max-ws-message-bytes",
+        parse_byte_count,
+    ),
     Setting(
         "max_concurrent_requests",
         "LLMPROXY_MAX_CONCURRENT_REQUESTS",

@@ -57,6 +57,18 @@ UPSTREAM_TIMEOUT = ProxyError(
     "The upstream sent no response headers within the read timeout.",
     "upstream_error",
 )
+UPSTREAM_HANDSHAKE_TIMEOUT = ProxyError(
+    504,
+    "upstream_timeout",
+    "The upstream sent no answer to the WebSocket handshake within the read timeout.",
+    "upstream_error",
+)
+UPSTREAM_BAD_HANDSHAKE = ProxyError(
+    502,
+    "upstream_bad_response",
+    "The upstream's answer to the WebSocket handshake is not valid.",
+    "upstream_error",
+)
 NOT_FOUND = ProxyError(
     404,
     "not_found",

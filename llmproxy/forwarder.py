@@ -74,8 +74,9 @@ def create_upstream_client(configuration: Configuration) -> UpstreamClient:
 
 
 @dataclass(frozen=True, slots=True)
-class _Route:
-    """One upstream as the forwarder uses it: where to connect, the base path, its headers."""
+class Route:
+    """One upstream as the forwarder and the WebSocket relay use it: where to connect, the
+    base path, its headers."""
 
     origin: Origin
     base_path: str
@@ -107,8 +108,8 @@ class Forwarder:
     """ASGI app: forwards one request to the upstream and streams the answer back."""
 
     def __init__(self, configuration: Configuration, client: UpstreamClient) -> None:
-        self._routes = tuple(
-            _Route(
+        self.routes = tuple(
+            Route(
                 Origin.from_url(upstream.base_url),
                 urlsplit(upstream.base_url).path.rstrip("/"),
                 wire_headers(upstream.headers),
@@ -131,6 +132,10 @@ class Forwarder:
     def upstream_client(self) -> UpstreamClient:
         return self._client
 
+    def new_request_id(self) -> str:
+        """A request id for a request that came without a usable `x-request-id`."""
+        return f"{self._id_prefix}{next(self._id_counter):016x}"
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One flat coroutine up to the attempts: every resumption of the innermost await passes
         # through each coroutine level above it, and the profile showed that cost.
@@ -143,9 +148,9 @@ class Forwarder:
             client_headers = [
                 (n.decode("latin-1"), v.decode("latin-1")) for n, v in scope["headers"]
             ]
-            request_id = _request_id(client_headers)
+            request_id = client_request_id(client_headers)
             if request_id is None:
-                request_id = f"{self._id_prefix}{next(self._id_counter):016x}"
+                request_id = self.new_request_id()
                 client_headers = [(n, v) for n, v in client_headers if n != "x-request-id"]
                 client_headers.append(("x-request-id", request_id))
             record.request_id = request_id
@@ -259,7 +264,7 @@ class Forwarder:
         while True:
             attempt += 1
             record.attempts = attempt
-            route = self._routes[index]
+            route = self.routes[index]
             decision: RetryDecision | None = None
             try:
                 response = await self._client.request(
@@ -302,7 +307,7 @@ class Forwarder:
                     response.close()
             logger.info("retrying in %.3fs: %s", decision.delay, decision.reason)
             await asyncio.sleep(decision.delay)
-            index = next_upstream(index, len(self._routes))
+            index = next_upstream(index, len(self.routes))
 
     def _decide(self, attempt: int, outcome: AttemptOutcome, loop_started: float) -> RetryDecision:
         return decide(
@@ -432,7 +437,8 @@ def _declared_length(headers: list[tuple[bytes, bytes]]) -> int:
     return 0
 
 
-def _request_id(client_headers: list[tuple[str, str]]) -> str | None:
+def client_request_id(client_headers: list[tuple[str, str]]) -> str | None:
+    """The client's `x-request-id`, if it is one the proxy may log and forward."""
     for name, value in client_headers:
         if name == "x-request-id":
             return usable_request_id(value)

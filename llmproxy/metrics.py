@@ -21,7 +21,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from llmproxy.access_log import CLIENT_DISCONNECT, RequestRecord
+from llmproxy.access_log import CLIENT_DISCONNECT, RequestRecord, SessionRecord
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -56,6 +56,33 @@ CLIENT_TIMEOUTS = Counter(
     ["phase"],  # header or body
 )
 
+WEBSOCKET_SESSIONS_ACTIVE = Gauge(
+    "llmproxy_websocket_sessions_active",
+    "WebSocket sessions open right now (upgraded on both sides)",
+    multiprocess_mode="livesum",
+)
+WEBSOCKET_SESSIONS = Counter(
+    "llmproxy_websocket_sessions_total",
+    "WebSocket sessions that were opened and have ended, by the close code the client's side "
+    "ended with (1006: its connection was lost without a close frame)",
+    ["close_code"],
+)
+_WEBSOCKET_MESSAGES = Counter(
+    "llmproxy_websocket_messages_total",
+    "WebSocket messages relayed (close frames are not messages)",
+    ["direction"],
+)
+_WEBSOCKET_BYTES = Counter(
+    "llmproxy_websocket_bytes_total",
+    "Payload bytes of the WebSocket messages relayed (text as UTF-8)",
+    ["direction"],
+)
+# Children looked up once: counted per message.
+WEBSOCKET_MESSAGES_TO_UPSTREAM = _WEBSOCKET_MESSAGES.labels("client_to_upstream")
+WEBSOCKET_MESSAGES_TO_CLIENT = _WEBSOCKET_MESSAGES.labels("upstream_to_client")
+WEBSOCKET_BYTES_TO_UPSTREAM = _WEBSOCKET_BYTES.labels("client_to_upstream")
+WEBSOCKET_BYTES_TO_CLIENT = _WEBSOCKET_BYTES.labels("upstream_to_client")
+
 
 @functools.lru_cache(maxsize=256)
 def _requests_with_status(status: int) -> Any:
@@ -73,6 +100,13 @@ def observe(record: RequestRecord) -> None:
         CLIENT_DISCONNECTS.inc()
     if record.attempts > 1:
         RETRIES.inc(record.attempts - 1)
+
+
+def observe_session(record: SessionRecord) -> None:
+    """Count one finished WebSocket session (its messages were counted as they passed)."""
+    _requests_with_status(record.status or 0).inc()
+    if record.status == 101:
+        WEBSOCKET_SESSIONS.labels(str(record.client_close_code or 0)).inc()
 
 
 def exposition() -> tuple[bytes, str]:

@@ -240,6 +240,14 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         super().shutdown()
 
     def handle_websocket_upgrade(self) -> None:
+        if any(
+            name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
+            for name, value in self.headers
+        ):
+            # RFC 6455 §4.1 has no body on the opening handshake; bytes after the head would
+            # be read as frames (or dropped), so the request is refused instead.
+            self._refuse(400, "A WebSocket upgrade request cannot carry a body.")
+            return
         # The connection is the WebSocket protocol's from here on, with the plain transport.
         self._cancel_timer()
         self._phase = _IDLE

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp
 from llmproxy.app import ProxyApp, create_app
 from llmproxy.config import Configuration, get_configuration
 from llmproxy.protocol import ProxyHttpProtocol
+from llmproxy.websocket_protocol import websocket_server_options
 
 STARTUP_DEADLINE = 10.0
 
@@ -64,7 +65,7 @@ class ProxyServer:
             log_level=log_level,
             lifespan="on",
             http=ProxyHttpProtocol,
-            ws="none",  # upgrade offers are served as plain HTTP until the relay (issue 12)
+            **websocket_server_options(configuration.max_ws_message_bytes),
             server_header=False,
             date_header=False,
         )

@@ -872,7 +872,7 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if origin.scheme == "https":
-                    context = self._ssl_context or _default_ssl_context()
+                    context = self._ssl_context or default_ssl_context()
                     transport, connection = await loop.create_connection(
                         lambda: _Connection(self._pool, self._read_timeout),
                         origin.host,
@@ -931,7 +931,7 @@ def _replayable(method: str, headers: list[tuple[str, str]]) -> bool:
 _ssl_context: ssl.SSLContext | None = None
 
 
-def _default_ssl_context() -> ssl.SSLContext:
+def default_ssl_context() -> ssl.SSLContext:
     """The system's trust store and default TLS settings, made once."""
     global _ssl_context  # built on first use: start-up stays fast without TLS upstreams
     if _ssl_context is None:

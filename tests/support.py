@@ -38,9 +38,6 @@ def free_port() -> int:
 @contextlib.asynccontextmanager
 async def serve_asgi(app: ASGIApp, **options: Any) -> AsyncIterator[str]:
     """Run `app` under a real uvicorn server in this event loop; yield its base URL."""
-    # It serves the proxy, which serves upgrade offers as plain HTTP until the WebSocket relay
-    # lands (issue 12); `ws="auto"` serves an app's WebSockets.
-    options.setdefault("ws", "none")
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
