@@ -4,7 +4,9 @@ Realtime session.
 On connect the server sends `session.created`; for each client `response.create` it sends
 `response.created`, one `response.output_text.delta` per script chunk (each after
 `delay_per_chunk`) and `response.done` whose `response.usage` holds the tokens. `session.update`
-is answered with `session.updated`; other client events are journaled and left unanswered.
+is answered with `session.updated`; a `fake.echo` event and every binary message are sent back
+unchanged (to test a relay byte for byte); other client events are journaled and left
+unanswered.
 
 The script comes from the handshake's `x-fake-script` / `x-fake-scenario` headers, else the
 queue, else the fixture rules, as for HTTP. What applies to a WebSocket:
@@ -166,9 +168,20 @@ class _Session:
             "max_output_tokens": "inf",
         }
 
+    async def echo(self, data: str | bytes) -> None:
+        """Send a client's message back unchanged: a relay's byte-exactness test."""
+        if isinstance(data, bytes):
+            await self._send({"type": "websocket.send", "bytes": data})
+        else:
+            await self._send({"type": "websocket.send", "text": data})
+        self._journal.record_message(self._entry, _SERVER, data)
+        self.sent += 1
+        await self.end_if_due()
+
     async def handle(self, data: str | bytes) -> None:
         """Answer one client message."""
         if isinstance(data, bytes):
+            await self.echo(data)  # the Realtime API has no binary events: echoed as they came
             return
         try:
             event = json.loads(data)
@@ -189,6 +202,8 @@ class _Session:
             await self.emit(updated)
         elif kind == "response.create":
             await self._respond()
+        elif kind == "fake.echo":
+            await self.echo(data)  # the very text that came, not a re-encoding of it
 
     async def _respond(self) -> None:
         script = self.script
