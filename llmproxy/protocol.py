@@ -239,6 +239,11 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             return
         super().shutdown()
 
+    def _should_upgrade(self) -> bool:
+        # RFC 6455 §4.1: the opening handshake is a GET. Any other method's offer to upgrade
+        # to a WebSocket is served as plain HTTP, its body delivered (RFC 9110 §7.8).
+        return self.scope.get("method") == "GET" and super()._should_upgrade()
+
     def handle_websocket_upgrade(self) -> None:
         if any(
             name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
