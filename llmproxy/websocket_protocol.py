@@ -18,13 +18,15 @@ are answered in the OpenAI error shape rather than websockets' plain text.
 
 from __future__ import annotations
 
+import http
 import logging
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.datastructures import Headers
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
-from websockets.http11 import Response
+from websockets.exceptions import InvalidHeaderValue
+from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 from websockets.typing import StatusLike
 
@@ -41,6 +43,20 @@ CONNECTION_LOST = 1006  # RFC 6455 §7.1.5: closed without a close frame (never 
 
 class _JsonRefusingServerProtocol(ServerProtocol):
     """websockets' server handshake, refusing in the OpenAI error shape."""
+
+    def accept(self, request: Request) -> Response:
+        versions = request.headers.get_all("Sec-WebSocket-Version")
+        if len(versions) == 1 and versions[0].strip() != "13":
+            # websockets answers 400; RFC 6455 §4.2.2 asks for an error such as 426 with the
+            # versions the server speaks, so that a client can retry with one of them.
+            self.handshake_exc = InvalidHeaderValue("Sec-WebSocket-Version", versions[0])
+            response = self.reject(
+                http.HTTPStatus.UPGRADE_REQUIRED,
+                "Unsupported Sec-WebSocket-Version: this server speaks version 13.",
+            )
+            response.headers["Sec-WebSocket-Version"] = "13"
+            return response
+        return super().accept(request)
 
     def reject(self, status: StatusLike, text: str) -> Response:
         response = super().reject(status, text)
