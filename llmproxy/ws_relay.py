@@ -217,6 +217,36 @@ class _Opened:
     headers: list[tuple[bytes, bytes]]  # the 101's headers for the client (no hop's own)
 
 
+@dataclass(slots=True)
+class _Upgrade:
+    """One client's upgrade request, as the relay answers it."""
+
+    scope: Scope
+    send: Send
+    record: SessionRecord
+    id_header: tuple[bytes, bytes] = (b"x-llmproxy-request-id", b"")
+
+    async def refuse(self, error: ProxyError) -> None:
+        """Answer with one of the proxy's own errors instead of upgrading."""
+        self.record.status = error.status
+        self.record.ending = PROXY_ERROR
+        await send_upgrade_refusal(self.send, self.scope, error, self.id_header)
+
+    async def pass_refusal(self, response: Response) -> None:
+        """The upstream's non-101 answer, as it came (its hop-by-hop headers aside)."""
+        raw = [
+            (name.encode("ascii", "surrogateescape"), value.encode("ascii", "surrogateescape"))
+            for name, value in response.headers.raw_items()
+        ]
+        headers = filter_response_headers(raw)
+        if not any(name.lower() == b"content-length" for name, _ in headers):
+            headers.append((b"content-length", str(len(response.body)).encode()))
+        headers.append(self.id_header)
+        self.record.status = response.status_code
+        self.record.ending = UPSTREAM_REFUSED
+        await _answer_http(self.send, self.scope, response.status_code, headers, response.body)
+
+
 class WebSocketRelay:
     """ASGI app for `websocket` scopes: one upstream session per client session."""
 
@@ -257,21 +287,21 @@ class WebSocketRelay:
             client_headers = [(n, v) for n, v in client_headers if n != "x-request-id"]
             client_headers.append(("x-request-id", request_id))
         record.request_id = request_id
-        id_header = (b"x-llmproxy-request-id", request_id.encode())
+        upgrade = _Upgrade(scope, send, record, (b"x-llmproxy-request-id", request_id.encode()))
         subprotocols: list[str] = list(scope.get("subprotocols", ()))
 
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if not is_api_path(raw_path):
-            await self._refuse(send, scope, errors.NOT_FOUND, record, id_header)
+            await upgrade.refuse(errors.NOT_FOUND)
             return
         if has_dot_segment(raw_path):
-            await self._refuse(send, scope, errors.INVALID_PATH, record, id_header)
+            await upgrade.refuse(errors.INVALID_PATH)
             return
         if self._access_keys:
             by_header = authenticate(client_headers, self._access_keys)
             by_subprotocol = authenticate_subprotocols(subprotocols, self._access_keys)
             if by_header is None and by_subprotocol is None:
-                await self._refuse(send, scope, errors.INVALID_PROXY_KEY, record, id_header)
+                await upgrade.refuse(errors.INVALID_PROXY_KEY)
                 return
             if by_header is not None:
                 client_headers = by_header
@@ -279,7 +309,7 @@ class WebSocketRelay:
                 subprotocols = by_subprotocol
         forwarder = self._forwarder
         if self._max_concurrent is not None and forwarder.active_requests >= self._max_concurrent:
-            await self._refuse(send, scope, errors.PROXY_OVERLOADED, record, id_header)
+            await upgrade.refuse(errors.PROXY_OVERLOADED)
             return
         headers = [
             (name, value)
@@ -289,14 +319,7 @@ class WebSocketRelay:
         forwarder.active_requests += 1
         try:
             opened = await self._open(
-                raw_path,
-                scope["query_string"],
-                headers,
-                subprotocols,
-                send,
-                scope,
-                record,
-                id_header,
+                upgrade, raw_path, scope["query_string"], headers, subprotocols
             )
             if opened is None:
                 return
@@ -305,7 +328,7 @@ class WebSocketRelay:
                     {
                         "type": "websocket.accept",
                         "subprotocol": opened.subprotocol,
-                        "headers": [*opened.headers, id_header],
+                        "headers": [*opened.headers, upgrade.id_header],
                     }
                 )
                 record.status = 101
@@ -324,16 +347,14 @@ class WebSocketRelay:
     # -- the handshake ----------------------------------------------------------------------
     async def _open(
         self,
+        upgrade: _Upgrade,
         raw_path: bytes,
         query_string: bytes,
         headers: list[tuple[str, str]],
         subprotocols: list[str],
-        send: Send,
-        scope: Scope,
-        record: SessionRecord,
-        id_header: tuple[bytes, bytes],
     ) -> _Opened | None:
         """The upstream session, with failover and retries (DESIGN §6); None if answered."""
+        record = upgrade.record
         routes = self._forwarder.routes
         loop_started = time.monotonic()
         index = 0
@@ -357,10 +378,10 @@ class WebSocketRelay:
                     )
                     decision = self._decide(attempt, outcome, loop_started)
                 if decision is None or not decision.retry:
-                    await self._pass_refusal(send, scope, response, record, id_header)
+                    await upgrade.pass_refusal(response)
                     return None
             except _UnsendableHandshakeError:
-                await self._refuse(send, scope, errors.INVALID_HEADER, record, id_header)
+                await upgrade.refuse(errors.INVALID_HEADER)
                 return None
             except (_ConnectFailedError, _HandshakeTimeoutError, InvalidHandshake) as error:
                 outcome = (
@@ -371,7 +392,7 @@ class WebSocketRelay:
                 decision = self._decide(attempt, outcome, loop_started)
                 if not decision.retry:
                     logger.warning("WebSocket upstream failed: %s", error)
-                    await self._refuse(send, scope, _proxy_error_for(error), record, id_header)
+                    await upgrade.refuse(_proxy_error_for(error))
                     return None
             else:
                 record.upstream_status = 101
@@ -439,40 +460,6 @@ class WebSocketRelay:
             now=time.time(),
             random_fraction=random.random(),  # noqa: S311 - jitter, not cryptography
         )
-
-    # -- refusals ---------------------------------------------------------------------------
-    async def _refuse(
-        self,
-        send: Send,
-        scope: Scope,
-        error: ProxyError,
-        record: SessionRecord,
-        id_header: tuple[bytes, bytes],
-    ) -> None:
-        record.status = error.status
-        record.ending = PROXY_ERROR
-        await send_upgrade_refusal(send, scope, error, id_header)
-
-    async def _pass_refusal(
-        self,
-        send: Send,
-        scope: Scope,
-        response: Response,
-        record: SessionRecord,
-        id_header: tuple[bytes, bytes],
-    ) -> None:
-        """The upstream's non-101 answer, as it came (its hop-by-hop headers aside)."""
-        raw = [
-            (name.encode("ascii", "surrogateescape"), value.encode("ascii", "surrogateescape"))
-            for name, value in response.headers.raw_items()
-        ]
-        headers = filter_response_headers(raw)
-        if not any(name.lower() == b"content-length" for name, _ in headers):
-            headers.append((b"content-length", str(len(response.body)).encode()))
-        headers.append(id_header)
-        record.status = response.status_code
-        record.ending = UPSTREAM_REFUSED
-        await _answer_http(send, scope, response.status_code, headers, response.body)
 
     # -- the session ------------------------------------------------------------------------
     async def _relay(
