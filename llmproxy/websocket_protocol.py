@@ -98,6 +98,9 @@ class ProxyWebSocketProtocol(WebSocketsSansIOProtocol):
         # one already queued (a close frame, the server's close) stays first.
         self.queue.put_nowait({"type": "websocket.disconnect", "code": CONNECTION_LOST})
         super().connection_lost(exc)
+        # Nothing is decoded any more; the zlib streams of permessage-deflate are most of a
+        # session's memory, and the protocol object may wait for a full collection (cycles).
+        self.conn.extensions = []
 
     def handle_parser_exception(self) -> None:
         close = self.conn.close_sent

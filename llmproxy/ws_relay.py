@@ -338,9 +338,7 @@ class WebSocketRelay:
                 finally:
                     metrics.WEBSOCKET_SESSIONS_ACTIVE.dec()
             finally:
-                # Closed by now on every ending but an error or the drain deadline: never
-                # leave the upstream session open behind the client's.
-                opened.connection.transport.abort()
+                _release(opened.connection)
         finally:
             forwarder.active_requests -= 1
 
@@ -512,10 +510,10 @@ class WebSocketRelay:
         await upstream.close(upstream_code, reason)  # type: ignore[arg-type]
 
     async def _upstream_ended(
-        self, closed: ConnectionClosed, send: Send, record: SessionRecord
+        self, ending: _UpstreamEnding, send: Send, record: SessionRecord
     ) -> None:
-        received, sent = closed.rcvd, closed.sent
-        proxy_closed_first = closed.rcvd_then_sent is False
+        received, sent = ending.received, ending.sent
+        proxy_closed_first = ending.proxy_closed_first
         code, reason = close_towards_client(received, sent, proxy_closed_first)
         if received is not None and not proxy_closed_first:
             record.upstream_close_code = received.code
@@ -560,9 +558,18 @@ async def _client_to_upstream(
         sizes.inc(size)
 
 
+@dataclass(frozen=True, slots=True)
+class _UpstreamEnding:
+    """How the upstream session ended: the close frames each way, and who closed first."""
+
+    received: Close | None
+    sent: Close | None
+    proxy_closed_first: bool
+
+
 async def _upstream_to_client(
     upstream: ClientConnection, send: Send, record: SessionRecord
-) -> ConnectionClosed | None:
+) -> _UpstreamEnding | None:
     """Upstream messages to the client; how the upstream session ended, or None when the
     client side broke first (its disconnect message reports how)."""
     messages = metrics.WEBSOCKET_MESSAGES_TO_CLIENT
@@ -571,7 +578,9 @@ async def _upstream_to_client(
         try:
             data = await upstream.recv()
         except ConnectionClosed as closed:
-            return closed
+            # The facts, not the exception: its traceback would hold this frame, and with it
+            # the connection, in a reference cycle that only a full collection frees.
+            return _UpstreamEnding(closed.rcvd, closed.sent, closed.rcvd_then_sent is False)
         message: Message
         if isinstance(data, str):
             message = {"type": "websocket.send", "text": data}
@@ -611,6 +620,20 @@ async def send_upgrade_refusal(
         *extra,
     ]
     await _answer_http(send, scope, error.status, headers, body)
+
+
+def _release(connection: ClientConnection) -> None:
+    """End the upstream session for good, and let go of its compression state now.
+
+    The connection is closed by now on every ending but an error or the drain deadline; it is
+    never left open behind the client's. websockets' connection objects end in reference
+    cycles (its keep-alive task's cancellation holds the connection) that wait for a full
+    garbage collection, which the proxy's collector settings make rare; dropping the
+    permessage-deflate state (two zlib streams, the bulk of a session's memory) frees that at
+    once.
+    """
+    connection.transport.abort()
+    connection.protocol.extensions = []
 
 
 def _abort(connection: ClientConnection, sock: socket.socket) -> None:
