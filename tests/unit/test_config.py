@@ -145,6 +145,59 @@ def test_client_timeouts_default_to_nginx_s_and_come_from_every_source(tmp_path:
     assert (from_flags.client_header_timeout, from_flags.client_body_timeout) == (1.0, 4.0)
 
 
+def test_the_websocket_message_limit_defaults_to_16_mib_apart_from_the_body_limit() -> None:
+    configuration = load_configuration({})
+    assert configuration.max_ws_message_bytes == 16 * 1024 * 1024
+    assert configuration.max_body_bytes == 32 * 1024 * 1024
+    # Each setting sets its own limit only.
+    assert load_configuration({"LLMPROXY_MAX_BODY_BYTES": "7"}).max_ws_message_bytes == 16 << 20
+    assert load_configuration({"LLMPROXY_MAX_WS_MESSAGE_BYTES": "7"}).max_body_bytes == 32 << 20
+
+
+def test_the_websocket_message_limit_comes_from_every_source(tmp_path: Path) -> None:
+    config_file = tmp_path / "ws.toml"
+    config_file.write_text("max_ws_message_bytes = 4096\n")
+    from_file = load_configuration({}, config_file=str(config_file))
+    assert from_file.max_ws_message_bytes == 4096
+    from_env = load_configuration(
+        {"LLMPROXY_MAX_WS_MESSAGE_BYTES": "2048"}, config_file=str(config_file)
+    )
+    assert from_env.max_ws_message_bytes == 2048
+    from_flag = load_configuration(
+        {"LLMPROXY_MAX_WS_MESSAGE_BYTES": "2048"},
+        flags={"max_ws_message_bytes": "1024"},
+        config_file=str(config_file),
+    )
+    assert from_flag.max_ws_message_bytes == 1024
+    assert "max_ws_message_bytes=1024" in repr(from_flag)
+
+
+def test_the_websocket_message_limit_flag_reaches_the_served_configuration(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    served: list[Configuration] = []
+    monkeypatch.setattr(cli, "serve", lambda configuration, log_level: served.append(configuration))
+    for name in [k for k in os.environ if k.startswith("LLMPROXY_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # export_flags writes here
+    cli.main(["serve", "--max-ws-message-bytes", "65536"])
+    assert [configuration.max_ws_message_bytes for configuration in served] == [65536]
+    # Exported for the worker processes, which read their configuration from the environment.
+    assert os.environ["LLMPROXY_MAX_WS_MESSAGE_BYTES"] == "65536"
+
+
+def test_the_websocket_message_limit_is_the_servers_frame_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import uvicorn
+
+    options: list[dict[str, object]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: options.append(kwargs))
+    cli.serve(Configuration(max_ws_message_bytes=12345), "warning")
+    (served,) = options
+    assert served["ws_max_size"] == 12345  # a larger client message: 1009 (DESIGN §10)
+
+
 def test_config_file_from_environment_and_url_list(tmp_path: Path) -> None:
     config_file = tmp_path / "llmproxy.toml"
     config_file.write_text('upstream_url = ["http://a/v1", "http://b/v1"]\n')
@@ -161,6 +214,8 @@ def test_config_file_from_environment_and_url_list(tmp_path: Path) -> None:
         ("read_timeout = true\n", "read_timeout in", "number"),
         ("default_headers = 5\n", "default_headers in", "JSON object"),
         ("port = 8080.5\n", "port in", "whole number"),
+        ('max_ws_message_bytes = "16MiB"\n', "max_ws_message_bytes in", "whole number"),
+        ("max_ws_message_bytes = 0\n", "max_ws_message_bytes in", "at least 1"),
     ],
 )
 def test_malformed_file_settings(tmp_path: Path, content: str, setting: str, fragment: str) -> None:
@@ -208,6 +263,16 @@ def run_cli(*args: str, **environ: str) -> subprocess.CompletedProcess[str]:
             ["serve"],
             {"LLMPROXY_CLIENT_BODY_TIMEOUT": "soon"},
             "llmproxy: error: LLMPROXY_CLIENT_BODY_TIMEOUT: must be a number",
+        ),
+        (
+            ["serve", "--max-ws-message-bytes", "0"],
+            {},
+            "llmproxy: error: --max-ws-message-bytes: must be a whole number of bytes",
+        ),
+        (
+            ["serve"],
+            {"LLMPROXY_MAX_WS_MESSAGE_BYTES": "lots"},
+            "llmproxy: error: LLMPROXY_MAX_WS_MESSAGE_BYTES: must be a whole number",
         ),
         (["serve", "--config", "/nonexistent.toml"], {}, "llmproxy: error: --config"),
         (["serve", "--bogus"], {}, "llmproxy: error: unrecognized arguments: --bogus"),
@@ -266,6 +331,10 @@ def test_per_upstream_headers_must_name_a_configured_upstream(tmp_path: Path) ->
         ({"LLMPROXY_ACCESS_KEYS": f"{SECRET}, has space"}, "LLMPROXY_ACCESS_KEYS", "key number 2"),
         ({"LLMPROXY_ACCESS_KEYS_FILE": "/nonexistent"}, "LLMPROXY_ACCESS_KEYS_FILE", "cannot"),
         ({"LLMPROXY_MAX_BODY_BYTES": "0"}, "LLMPROXY_MAX_BODY_BYTES", "at least 1"),
+        ({"LLMPROXY_MAX_WS_MESSAGE_BYTES": "0"}, "LLMPROXY_MAX_WS_MESSAGE_BYTES", "at least 1"),
+        ({"LLMPROXY_MAX_WS_MESSAGE_BYTES": "-5"}, "LLMPROXY_MAX_WS_MESSAGE_BYTES", "at least 1"),
+        ({"LLMPROXY_MAX_WS_MESSAGE_BYTES": "16MiB"}, "LLMPROXY_MAX_WS_MESSAGE_BYTES", "whole"),
+        ({"LLMPROXY_MAX_WS_MESSAGE_BYTES": "1.5"}, "LLMPROXY_MAX_WS_MESSAGE_BYTES", "whole"),
         ({"LLMPROXY_MAX_CONCURRENT_REQUESTS": "-2"}, "LLMPROXY_MAX_CONCURRENT_REQUESTS", "whole"),
         ({"LLMPROXY_LOG_FORMAT": "xml"}, "LLMPROXY_LOG_FORMAT", "'text' or 'json'"),
         (
