@@ -21,6 +21,13 @@ CLIENT_DISCONNECT = "client_disconnect"
 CLIENT_TIMEOUT = "client_timeout"  # closed by client_header_timeout / client_body_timeout
 UPSTREAM_ERROR = "upstream_error"
 PROXY_ERROR = "proxy_error"
+# Whether the answer's token usage is known (RequestRecord.usage).
+USAGE_KNOWN = "known"
+USAGE_UNKNOWN = "unknown"
+# Why it is not: the answer was whole but named none (a stream without `include_usage`), the
+# client left first, the upstream failed mid-answer.
+NOT_REPORTED = "not_reported"
+
 # How a WebSocket session ended, besides CLIENT_DISCONNECT, UPSTREAM_ERROR and PROXY_ERROR.
 CLIENT_CLOSED = "client_closed"  # the client sent a close frame
 UPSTREAM_CLOSED = "upstream_closed"  # the upstream sent a close frame
@@ -36,6 +43,7 @@ class RequestRecord:
     method: str
     path: str
     request_id: str = ""
+    key: str = "-"  # the access key's name (never the key), "-" without access keys
     status: int | None = None
     upstream_status: int | None = None
     attempts: int = 0
@@ -48,6 +56,15 @@ class RequestRecord:
     first_byte_ms: float | None = None
     total_ms: float | None = None
     ending: str = COMPLETE
+    # Token usage the answer reported (DESIGN §11); `usage` is "unknown" when an answer that
+    # should report it did not (then `usage_unknown_reason` says why), None when none is due.
+    usage: str | None = None
+    model: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_input_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    usage_unknown_reason: str | None = None
 
 
 @dataclass(slots=True)
@@ -56,6 +73,7 @@ class SessionRecord:
 
     path: str
     request_id: str = ""
+    key: str = "-"
     status: int | None = None  # 101, or the refusal's status
     upstream_status: int | None = None
     attempts: int = 0
@@ -101,8 +119,22 @@ def format_text(record: RequestRecord) -> str:
         f" stale_retries={record.stale_retries}"
         f" in={record.bytes_in}B out={record.bytes_out}B"
         f" headers={ms(record.upstream_headers_ms)} ttfb={ms(record.first_byte_ms)}"
-        f" total={ms(record.total_ms)} ending={record.ending}"
+        f" total={ms(record.total_ms)} ending={record.ending} key={record.key}"
+        + _usage_text(record)
     )
+
+
+def _usage_text(record: RequestRecord) -> str:
+    if record.usage == USAGE_KNOWN:
+        return (
+            f" model={record.model or '-'} input_tokens={record.input_tokens}"
+            f" output_tokens={record.output_tokens}"
+            f" cached_input_tokens={record.cached_input_tokens}"
+            f" reasoning_tokens={record.reasoning_tokens}"
+        )
+    if record.usage == USAGE_UNKNOWN:
+        return f" usage=unknown usage_unknown_reason={record.usage_unknown_reason}"
+    return ""
 
 
 def format_json(record: RequestRecord) -> str:

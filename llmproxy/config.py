@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from llmproxy.access import AccessKey
 from llmproxy.headers import CLIENT_SET_REQUEST_HEADERS, HOP_BY_HOP_HEADERS
+from llmproxy.keys_config import check_distinct, parse_key_tables, parse_keys_file, unnamed_keys
 from llmproxy.retry import (
     RetryPolicy,
     parse_max_attempts,
@@ -70,6 +72,9 @@ class Configuration:
     sse_keepalive: float | None = None  # seconds of upstream silence before `: keep-alive`
     access_keys: tuple[str, ...] = field(default=(), repr=False)
     access_keys_from_file: tuple[str, ...] = field(default=(), repr=False)
+    # `[keys.<name>]` tables (DESIGN §11): in the config file, and in LLMPROXY_KEYS_FILE.
+    named_keys: tuple[AccessKey, ...] = field(default=(), repr=False)
+    named_keys_from_file: tuple[AccessKey, ...] = field(default=(), repr=False)
     max_body_bytes: int = 32 * 1024 * 1024
     # The largest WebSocket message either side may send (DESIGN §10); larger closes with 1009.
     max_ws_message_bytes: int = 16 * 1024 * 1024
@@ -109,9 +114,16 @@ class Configuration:
                 merged.append((name, value))
         return tuple(merged)
 
-    def proxy_access_keys(self) -> tuple[str, ...]:
-        """Every key a client may present to use the proxy; empty means the proxy is open."""
-        return self.access_keys + self.access_keys_from_file
+    def proxy_access_keys(self) -> tuple[AccessKey, ...]:
+        """Every key a client may present to use the proxy; empty means the proxy is open.
+
+        Keys given without a name come first, named `key-` + 8 hex digits of their SHA-256.
+        """
+        return (
+            unnamed_keys(self.access_keys + self.access_keys_from_file)
+            + self.named_keys
+            + self.named_keys_from_file
+        )
 
     def retry_policy(self) -> RetryPolicy:
         """The retry rules these settings describe (DESIGN §6)."""
@@ -375,6 +387,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sse_keepalive", "LLMPROXY_SSE_KEEPALIVE", "--sse-keepalive", parse_keepalive),
     Setting("access_keys", "LLMPROXY_ACCESS_KEYS", None, parse_access_keys),
     Setting("access_keys_from_file", "LLMPROXY_ACCESS_KEYS_FILE", None, parse_access_keys_file),
+    # TOML only: `[keys.<name>]` tables.
+    Setting("named_keys", "", None, parse_key_tables),
+    Setting("named_keys_from_file", "LLMPROXY_KEYS_FILE", None, parse_keys_file),
     Setting("max_body_bytes", "LLMPROXY_MAX_BODY_BYTES", "--max-body-bytes", parse_byte_count),
     Setting(
         "max_ws_message_bytes",
@@ -412,9 +427,12 @@ _FILE_KEYS = {setting.field: setting for setting in SETTINGS} | {
     "upstream_url": SETTINGS[0],
     "upstream_headers": next(s for s in SETTINGS if s.field == "upstream_headers_by_url"),
     "access_keys_file": next(s for s in SETTINGS if s.field == "access_keys_from_file"),
+    "keys": next(s for s in SETTINGS if s.field == "named_keys"),
+    "keys_file": next(s for s in SETTINGS if s.field == "named_keys_from_file"),
 }
 del _FILE_KEYS["upstream_urls"], _FILE_KEYS["upstream_headers_by_url"]
-del _FILE_KEYS["access_keys_from_file"]
+del _FILE_KEYS["access_keys_from_file"], _FILE_KEYS["named_keys"]
+del _FILE_KEYS["named_keys_from_file"]
 
 
 def read_config_file(path: str) -> dict[str, tuple[str, object]]:
@@ -478,7 +496,29 @@ def load_configuration(
         if url not in configuration.upstream_urls:
             label = file_values["upstream_headers_by_url"][0]
             raise ConfigurationError(label, f"{url!r} is not one of the upstream URLs")
+    _check_keys_distinct(configuration, flags, environ, file_values)
     return configuration
+
+
+def _check_keys_distinct(
+    configuration: Configuration,
+    flags: Mapping[str, str],
+    environ: Mapping[str, str],
+    file_values: Mapping[str, tuple[str, object]],
+) -> None:
+    """No key (given by value or by digest) in two places, no table name twice."""
+    seen: dict[bytes, str] = {}
+    for field_name in ("access_keys", "access_keys_from_file"):
+        label = _label_of(field_name, flags, environ, file_values)
+        for key in unnamed_keys(getattr(configuration, field_name)):
+            seen.setdefault(key.sha256, f"a key of {label}")
+    for field_name in ("named_keys", "named_keys_from_file"):
+        try:
+            seen = check_distinct(getattr(configuration, field_name), seen)
+        except ValueError as error:
+            raise ConfigurationError(
+                _label_of(field_name, flags, environ, file_values), str(error)
+            ) from None
 
 
 _LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0", "::"})

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from starlette.types import Message, Receive, Scope, Send
 
 from llmproxy import errors, metrics
-from llmproxy.access import authenticate, usable_request_id
+from llmproxy.access import KeyRing, usable_request_id
 from llmproxy.access_log import (
     CLIENT_DISCONNECT,
     CLIENT_TIMEOUT,
@@ -54,6 +54,7 @@ from llmproxy.upstream_client import (
     UpstreamError,
     UpstreamResponse,
 )
+from llmproxy.usage import UsageTap, record_usage, tap_for, usage_due
 
 logger = logging.getLogger("llmproxy")
 
@@ -90,9 +91,11 @@ class _Exchange:
     record: RequestRecord
     started: float  # perf_counter() when the request arrived
     request_id_header: tuple[bytes, bytes] = (b"x-llmproxy-request-id", b"")
+    usage_due: bool = False  # a request whose answer reports token usage (DESIGN §11)
     finished: bool = False
     client_gone: bool = False
     task: asyncio.Task[None] | None = None  # the forwarding task, cancelled if the client goes
+    tap: UsageTap | None = None  # reads the answer's token usage, when one is due
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
@@ -118,7 +121,7 @@ class Forwarder:
         )
         self._policy = configuration.retry_policy()
         self._keepalive = configuration.sse_keepalive
-        self._access_keys = tuple(key.encode() for key in configuration.proxy_access_keys())
+        self.keys = KeyRing(configuration.proxy_access_keys())
         self._max_body_bytes = configuration.max_body_bytes
         self._max_concurrent = configuration.max_concurrent_requests
         self._format_log = format_json if configuration.log_format == "json" else format_text
@@ -163,12 +166,14 @@ class Forwarder:
             if has_dot_segment(raw_path):
                 await self._refuse(send, errors.INVALID_PATH, exchange)
                 return
-            if self._access_keys:
-                authenticated = authenticate(client_headers, self._access_keys)
+            exchange.usage_due = usage_due(scope["method"], raw_path)
+            if self.keys:
+                authenticated = self.keys.authenticate(client_headers)
                 if authenticated is None:
                     await self._refuse(send, errors.INVALID_PROXY_KEY, exchange)
                     return
-                client_headers = authenticated
+                key, client_headers = authenticated
+                record.key = key.name
             if _declared_length(scope["headers"]) > self._max_body_bytes:
                 await self._refuse(send, errors.REQUEST_TOO_LARGE, exchange)  # before reading
                 return
@@ -231,6 +236,8 @@ class Forwarder:
                     signal.callback = None
         finally:
             record.total_ms = exchange.elapsed_ms()
+            if exchange.tap is not None:
+                record_usage(record, exchange.tap.usage())
             log_request(record, self._format_log)
             metrics.observe(record)
 
@@ -332,6 +339,7 @@ class Forwarder:
         record.status = upstream.status
         content_type = upstream.header(b"content-type") or b""
         is_sse = content_type.startswith(b"text/event-stream")
+        tap = exchange.tap = tap_for(exchange.usage_due, upstream.status, content_type)
         # An error event can end only an SSE body whose length was not announced, and only
         # such a body can take keep-alive comments (they would overrun a Content-Length).
         can_end_with_event = is_sse and upstream.header(b"content-length") is None
@@ -346,6 +354,8 @@ class Forwarder:
                 if record.first_byte_ms is None:
                     record.first_byte_ms = exchange.elapsed_ms()
                 record.bytes_out += len(chunk)
+                if tap is not None:
+                    tap.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except asyncio.CancelledError:
             # Cancelled by the server's drain deadline on shutdown (a client disconnect needs

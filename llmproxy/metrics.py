@@ -21,7 +21,13 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from llmproxy.access_log import CLIENT_DISCONNECT, RequestRecord, SessionRecord
+from llmproxy.access_log import (
+    CLIENT_DISCONNECT,
+    NOT_REPORTED,
+    USAGE_KNOWN,
+    RequestRecord,
+    SessionRecord,
+)
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -29,7 +35,21 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 REQUESTS = Counter(
-    "llmproxy_requests_total", "Requests answered, by the status sent to the client", ["status"]
+    "llmproxy_requests_total",
+    "Requests answered, by access key name and the status sent to the client",
+    ["key", "status"],
+)
+TOKENS = Counter(
+    "llmproxy_tokens_total",
+    "Tokens the answers reported, by access key name, the model the answer names, and kind "
+    "(input, output, cached_input, reasoning)",
+    ["key", "model", "kind"],
+)
+USAGE_UNKNOWN = Counter(
+    "llmproxy_usage_unknown_total",
+    "Answers that should have reported token usage and did not, by key and why "
+    "(not_reported, client_disconnect, upstream_error)",
+    ["key", "reason"],
 )
 UPSTREAM_HEADERS = Histogram(
     "llmproxy_upstream_headers_seconds",
@@ -84,14 +104,32 @@ WEBSOCKET_BYTES_TO_UPSTREAM = _WEBSOCKET_BYTES.labels("client_to_upstream")
 WEBSOCKET_BYTES_TO_CLIENT = _WEBSOCKET_BYTES.labels("upstream_to_client")
 
 
-@functools.lru_cache(maxsize=256)
-def _requests_with_status(status: int) -> Any:
-    return REQUESTS.labels(str(status))  # the labelled child, looked up once per status
+@functools.lru_cache(maxsize=4096)
+def _requests_with(key: str, status: int) -> Any:
+    return REQUESTS.labels(key, str(status))  # the labelled child, looked up once
+
+
+@functools.lru_cache(maxsize=4096)
+def _tokens_of(key: str, model: str) -> tuple[Any, Any, Any, Any]:
+    return (
+        TOKENS.labels(key, model, "input"),
+        TOKENS.labels(key, model, "output"),
+        TOKENS.labels(key, model, "cached_input"),
+        TOKENS.labels(key, model, "reasoning"),
+    )
 
 
 def observe(record: RequestRecord) -> None:
     """Count one finished request."""
-    _requests_with_status(record.status or 0).inc()
+    _requests_with(record.key, record.status or 0).inc()
+    if record.usage == USAGE_KNOWN:
+        input_, output, cached, reasoning = _tokens_of(record.key, record.model or "unknown")
+        input_.inc(record.input_tokens or 0)
+        output.inc(record.output_tokens or 0)
+        cached.inc(record.cached_input_tokens or 0)
+        reasoning.inc(record.reasoning_tokens or 0)
+    elif record.usage is not None:
+        USAGE_UNKNOWN.labels(record.key, record.usage_unknown_reason or NOT_REPORTED).inc()
     if record.upstream_headers_ms is not None:
         UPSTREAM_HEADERS.observe(record.upstream_headers_ms / 1000)
     if record.first_byte_ms is not None:
@@ -104,7 +142,7 @@ def observe(record: RequestRecord) -> None:
 
 def observe_session(record: SessionRecord) -> None:
     """Count one finished WebSocket session (its messages were counted as they passed)."""
-    _requests_with_status(record.status or 0).inc()
+    _requests_with(record.key, record.status or 0).inc()
     if record.status == 101:
         WEBSOCKET_SESSIONS.labels(str(record.client_close_code or 0)).inc()
 

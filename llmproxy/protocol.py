@@ -239,6 +239,18 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             return
         super().shutdown()
 
+    def _get_upgrade(self) -> bytes | None:
+        # uvicorn reads only the last `Connection` field; RFC 9110 §5.3 makes repeated fields
+        # one list, so `Connection: Upgrade` then `Connection: x-hop` still offers an upgrade.
+        offered = False
+        upgrade = None
+        for name, value in self.headers:
+            if name == b"connection":
+                offered = offered or b"upgrade" in (t.strip().lower() for t in value.split(b","))
+            elif name == b"upgrade":
+                upgrade = value.lower()
+        return upgrade if offered else None
+
     def _should_upgrade(self) -> bool:
         # RFC 6455 §4.1: the opening handshake is a GET. Any other method's offer to upgrade
         # to a WebSocket is served as plain HTTP, its body delivered (RFC 9110 §7.8).
@@ -253,6 +265,8 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             # be read as frames (or dropped), so the request is refused instead.
             self._refuse(400, "A WebSocket upgrade request cannot carry a body.")
             return
+        # websockets refuses a handshake with any Content-Length, so an empty one is left out.
+        self.scope["headers"] = [h for h in self.scope["headers"] if h[0] != b"content-length"]
         # The connection is the WebSocket protocol's from here on, with the plain transport.
         self._cancel_timer()
         self._phase = _IDLE

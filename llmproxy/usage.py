@@ -21,6 +21,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from llmproxy.access_log import (
+    CLIENT_DISCONNECT,
+    NOT_REPORTED,
+    UPSTREAM_ERROR,
+    USAGE_KNOWN,
+    USAGE_UNKNOWN,
+    RequestRecord,
+)
+
 # How much of a JSON body is kept to look in: its usage and model sit at its ends.
 _HEAD_BYTES = 16 * 1024
 _TAIL_BYTES = 16 * 1024
@@ -32,6 +41,10 @@ _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _MODEL_VALUE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _RESPONSES_ENDINGS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _DECODER = json.JSONDecoder()
+# The endpoints whose answers report token usage (POST).
+USAGE_PATHS = frozenset(
+    {b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings", b"/v1/responses"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,3 +205,39 @@ def usage_of_payload(payload: object) -> Usage | None:
             return usage_from_object(response.get("usage"), response.get("model"))
         return None
     return usage_from_object(payload.get("usage"), payload.get("model"))
+
+
+UsageTap = JsonUsageTap | SseUsageTap
+
+
+def usage_due(method: str, raw_path: bytes) -> bool:
+    """Whether a request's answer reports token usage (its method and path say so)."""
+    return method == "POST" and raw_path in USAGE_PATHS
+
+
+def tap_for(due: bool, status: int, content_type: bytes) -> UsageTap | None:
+    """The tap for one answer, chosen once: None unless a successful answer reports usage."""
+    if not due or not 200 <= status < 300:
+        return None
+    if content_type.startswith(b"text/event-stream"):
+        return SseUsageTap()
+    if content_type.startswith(b"application/json"):
+        return JsonUsageTap()
+    return None
+
+
+def record_usage(record: RequestRecord, usage: Usage | None) -> None:
+    """Put what the answer reported in the request's record (or that it is unknown, and why)."""
+    if usage is None:
+        record.usage = USAGE_UNKNOWN
+        if record.ending in (CLIENT_DISCONNECT, UPSTREAM_ERROR):
+            record.usage_unknown_reason = record.ending
+        else:
+            record.usage_unknown_reason = NOT_REPORTED
+        return
+    record.usage = USAGE_KNOWN
+    record.model = usage.model
+    record.input_tokens = usage.input_tokens
+    record.output_tokens = usage.output_tokens
+    record.cached_input_tokens = usage.cached_input_tokens
+    record.reasoning_tokens = usage.reasoning_tokens

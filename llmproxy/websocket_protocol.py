@@ -24,7 +24,7 @@ from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.datastructures import Headers
-from websockets.exceptions import InvalidHeaderValue
+from websockets.exceptions import InvalidHeaderValue, SecurityError
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
@@ -93,6 +93,28 @@ class ProxyWebSocketProtocol(WebSocketsSansIOProtocol):
             extensions=extensions, max_size=self.config.ws_max_size, logger=PROTOCOL_LOGGER
         )
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        failure = self.conn.handshake_exc
+        if failure is not None and not self.handshake_initiated and not self.close_sent:
+            # websockets could not read the request (a line over 8 KiB, a body it refuses...):
+            # it only stops reading, and uvicorn, which looks at parse errors of frames alone,
+            # would leave the client waiting for ever.
+            self._refuse_unreadable_handshake(failure)
+
+    def _refuse_unreadable_handshake(self, failure: Exception) -> None:
+        too_large = isinstance(failure.__cause__, SecurityError)
+        status = 431 if too_large else 400
+        message = (
+            "The WebSocket handshake has a header line over 8 KiB or too many header lines."
+            if too_large
+            else "The WebSocket handshake request cannot be read."
+        )
+        response = self.conn.reject(status, message)
+        self.handshake_initiated = self.handshake_complete = self.close_sent = True
+        self.transport.write(response.serialize())
+        self.transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         # Queued before uvicorn's own `1005`: the relay reads up to the first disconnect, and
         # one already queued (a close frame, the server's close) stays first.
@@ -131,10 +153,22 @@ class ProxyWebSocketProtocol(WebSocketsSansIOProtocol):
         super().shutdown()
 
 
+def frame_size_limit(max_message_bytes: int) -> int:
+    """The size websockets is told to refuse above, for a message limit of `max_message_bytes`.
+
+    websockets compares a compressed frame's length with its limit before inflating it, and
+    deflate makes incompressible data slightly larger (stored blocks: 5 bytes per 64 KiB, and
+    the frame's own header); with the limit as such, a message of exactly the limit would be
+    refused. It gets this headroom instead, and the relay checks each message's real size.
+    """
+    return max_message_bytes + max_message_bytes // 256 + 1024
+
+
 def websocket_server_options(max_message_bytes: int) -> dict[str, Any]:
     """uvicorn's WebSocket options for serving the proxy (`llmproxy serve`, `ProxyServer`)."""
     return {
         "ws": ProxyWebSocketProtocol,
-        "ws_max_size": max_message_bytes,  # a larger client message: 1009 (DESIGN §10)
+        # A client message over the limit: 1009, by websockets or by the relay (DESIGN §10).
+        "ws_max_size": frame_size_limit(max_message_bytes),
         "ws_per_message_deflate": True,  # negotiated with the client; the upstream hop apart
     }

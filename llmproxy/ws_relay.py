@@ -35,7 +35,6 @@ from websockets.typing import Subprotocol
 from websockets.uri import WebSocketURI
 
 from llmproxy import errors, metrics
-from llmproxy.access import authenticate, authenticate_subprotocols
 from llmproxy.access_log import (
     CLIENT_CLOSED,
     CLIENT_DISCONNECT,
@@ -57,7 +56,12 @@ from llmproxy.headers import filter_response_headers, merge_upstream_headers
 from llmproxy.retry import AttemptOutcome, RetryDecision, decide, next_upstream
 from llmproxy.targets import has_dot_segment, is_api_path, request_target
 from llmproxy.upstream_client import Origin, default_ssl_context
-from llmproxy.websocket_protocol import CONNECTION_LOST, PROTOCOL_LOGGER, SERVER_CLOSED
+from llmproxy.websocket_protocol import (
+    CONNECTION_LOST,
+    PROTOCOL_LOGGER,
+    SERVER_CLOSED,
+    frame_size_limit,
+)
 
 logger = logging.getLogger("llmproxy")
 
@@ -136,7 +140,7 @@ class _UpstreamHandshake(ClientProtocol):
             uri,
             extensions=enable_client_permessage_deflate(None),
             subprotocols=[Subprotocol(name) for name in subprotocols] or None,
-            max_size=max_size,
+            max_size=frame_size_limit(max_size),  # the exact limit is the relay's to check
             logger=PROTOCOL_LOGGER,
         )
         self._host_header = origin.host_header
@@ -253,7 +257,6 @@ class WebSocketRelay:
     def __init__(self, configuration: Configuration, forwarder: Forwarder) -> None:
         self._forwarder = forwarder  # its routes, and its count of requests (sessions count)
         self._policy = configuration.retry_policy()
-        self._access_keys = tuple(key.encode() for key in configuration.proxy_access_keys())
         self._max_concurrent = configuration.max_concurrent_requests
         self._connect_timeout = configuration.connect_timeout
         self._handshake_timeout = configuration.read_timeout
@@ -297,16 +300,19 @@ class WebSocketRelay:
         if has_dot_segment(raw_path):
             await upgrade.refuse(errors.INVALID_PATH)
             return
-        if self._access_keys:
-            by_header = authenticate(client_headers, self._access_keys)
-            by_subprotocol = authenticate_subprotocols(subprotocols, self._access_keys)
+        keys = self._forwarder.keys
+        if keys:
+            by_header = keys.authenticate(client_headers)
+            by_subprotocol = keys.authenticate_subprotocols(subprotocols)
             if by_header is None and by_subprotocol is None:
                 await upgrade.refuse(errors.INVALID_PROXY_KEY)
                 return
             if by_header is not None:
-                client_headers = by_header
+                key, client_headers = by_header
+                record.key = key.name
             if by_subprotocol is not None:
-                subprotocols = by_subprotocol
+                key, subprotocols = by_subprotocol
+                record.key = key.name
         forwarder = self._forwarder
         if self._max_concurrent is not None and forwarder.active_requests >= self._max_concurrent:
             await upgrade.refuse(errors.PROXY_OVERLOADED)
@@ -464,15 +470,16 @@ class WebSocketRelay:
         self, receive: Receive, send: Send, upstream: ClientConnection, record: SessionRecord
     ) -> None:
         """Copy both ways until one side ends, then close the other side accordingly."""
-        to_upstream = asyncio.create_task(_client_to_upstream(receive, upstream, record))
-        to_client = asyncio.create_task(_upstream_to_client(upstream, send, record))
+        limit = self._max_message
+        to_upstream = asyncio.create_task(_client_to_upstream(receive, upstream, record, limit))
+        to_client = asyncio.create_task(_upstream_to_client(upstream, send, record, limit))
         pending: set[asyncio.Task[Any]] = {to_upstream, to_client}
         try:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 if to_upstream in done and (ended := to_upstream.result()) is not None:
                     to_client.cancel()
-                    await self._client_ended(ended, upstream, record)
+                    await self._client_ended(ended, upstream, send, record)
                     return
                 if to_client in done and (closed := to_client.result()) is not None:
                     to_upstream.cancel()
@@ -492,10 +499,13 @@ class WebSocketRelay:
             raise
 
     async def _client_ended(
-        self, ended: Message, upstream: ClientConnection, record: SessionRecord
+        self, ended: Message, upstream: ClientConnection, send: Send, record: SessionRecord
     ) -> None:
         code: int = ended.get("code", 1000)
         server_closed = bool(ended.get(SERVER_CLOSED))
+        if ended is _CLIENT_MESSAGE_TOO_BIG:
+            with contextlib.suppress(OSError):  # the client left meanwhile
+                await send(ended)  # it is also the close message the client gets
         record.client_close_code = code
         if code == CONNECTION_LOST:
             record.ending = CLIENT_DISCONNECT
@@ -530,8 +540,18 @@ class WebSocketRelay:
             await send(message)
 
 
+# A client message over the limit that websockets let through (see `frame_size_limit`): the
+# relay closes the client with this, and reports it as the client side's ending.
+_CLIENT_MESSAGE_TOO_BIG: Message = {
+    "type": "websocket.close",
+    "code": MESSAGE_TOO_BIG_CODE,
+    "reason": "message too big",
+    SERVER_CLOSED: True,
+}
+
+
 async def _client_to_upstream(
-    receive: Receive, upstream: ClientConnection, record: SessionRecord
+    receive: Receive, upstream: ClientConnection, record: SessionRecord, limit: int
 ) -> Message | None:
     """Client messages to the upstream; the client's disconnect message when it ends, or None
     when the upstream side broke first (its own task reports how)."""
@@ -548,6 +568,8 @@ async def _client_to_upstream(
         else:
             data = message.get("bytes") or b""
             size = len(data)
+        if size > limit:
+            return _CLIENT_MESSAGE_TOO_BIG
         try:
             await upstream.send(data)
         except ConnectionClosed:
@@ -568,7 +590,7 @@ class _UpstreamEnding:
 
 
 async def _upstream_to_client(
-    upstream: ClientConnection, send: Send, record: SessionRecord
+    upstream: ClientConnection, send: Send, record: SessionRecord, limit: int
 ) -> _UpstreamEnding | None:
     """Upstream messages to the client; how the upstream session ended, or None when the
     client side broke first (its disconnect message reports how)."""
@@ -588,6 +610,10 @@ async def _upstream_to_client(
         else:
             message = {"type": "websocket.send", "bytes": data}
             size = len(data)
+        if size > limit:  # one websockets let through (see `frame_size_limit`)
+            closing = Close(MESSAGE_TOO_BIG_CODE, "message too big")
+            await upstream.close(closing.code, closing.reason)
+            return _UpstreamEnding(None, closing, proxy_closed_first=True)
         try:
             await send(message)
         except OSError:  # uvicorn's ClientDisconnected: the client went away

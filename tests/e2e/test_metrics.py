@@ -28,9 +28,10 @@ def samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def requests_with_status(
-    found: dict[tuple[str, tuple[tuple[str, str], ...]], float], status: str
+    found: dict[tuple[str, tuple[tuple[str, str], ...]], float], status: str, key: str = "-"
 ) -> float:
-    return found.get(("llmproxy_requests_total", (("status", status),)), 0.0)
+    """`llmproxy_requests_total` of one key name ("-": the proxy has no access keys)."""
+    return found.get(("llmproxy_requests_total", (("key", key), ("status", status))), 0.0)
 
 
 def test_metrics_count_requests_statuses_latency_and_no_secrets(
