@@ -11,6 +11,7 @@ import pytest
 
 from llmproxy import cli
 from llmproxy.config import Configuration, ConfigurationError, load_configuration
+from llmproxy.websocket_protocol import websocket_server_options
 
 SECRET = "sk-test-SECRET-never-printed"
 
@@ -193,9 +194,17 @@ def test_the_websocket_message_limit_is_the_servers_frame_limit(
 
     options: list[dict[str, object]] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: options.append(kwargs))
-    cli.serve(Configuration(max_ws_message_bytes=12345), "warning")
-    (served,) = options
-    assert served["ws_max_size"] == 12345  # a larger client message: 1009 (DESIGN §10)
+    limits = []
+    for limit in (12345, 16 * 1024 * 1024):
+        cli.serve(Configuration(max_ws_message_bytes=limit, max_body_bytes=7), "warning")
+        frame_limit = options[-1]["ws_max_size"]
+        assert frame_limit == websocket_server_options(limit)["ws_max_size"]
+        assert isinstance(frame_limit, int)
+        # websockets refuses above it (1009) before the relay sees the message: never below
+        # the limit, and not far above it (deflate's headroom only).
+        assert limit <= frame_limit <= limit * 1.01 + 2048
+        limits.append(frame_limit)
+    assert limits[0] < limits[1]
 
 
 def test_config_file_from_environment_and_url_list(tmp_path: Path) -> None:
