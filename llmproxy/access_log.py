@@ -59,11 +59,8 @@ class RequestRecord:
     # Token usage the answer reported (DESIGN §11); `usage` is "unknown" when an answer that
     # should report it did not (then `usage_unknown_reason` says why), None when none is due.
     usage: str | None = None
-    model: str | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cached_input_tokens: int | None = None
-    reasoning_tokens: int | None = None
+    # (model, input, output, cached input, reasoning tokens): a `usage.Usage` when known.
+    tokens: tuple[str | None, int, int, int, int] | None = None
     usage_unknown_reason: str | None = None
 
 
@@ -124,13 +121,15 @@ def format_text(record: RequestRecord) -> str:
     )
 
 
+TOKEN_FIELDS = ("model", "input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens")
+
+
 def _usage_text(record: RequestRecord) -> str:
-    if record.usage == USAGE_KNOWN:
+    if record.tokens is not None:
+        model, input_tokens, output_tokens, cached, reasoning = record.tokens
         return (
-            f" model={record.model or '-'} input_tokens={record.input_tokens}"
-            f" output_tokens={record.output_tokens}"
-            f" cached_input_tokens={record.cached_input_tokens}"
-            f" reasoning_tokens={record.reasoning_tokens}"
+            f" model={model or '-'} input_tokens={input_tokens} output_tokens={output_tokens}"
+            f" cached_input_tokens={cached} reasoning_tokens={reasoning}"
         )
     if record.usage == USAGE_UNKNOWN:
         return f" usage=unknown usage_unknown_reason={record.usage_unknown_reason}"
@@ -138,8 +137,11 @@ def _usage_text(record: RequestRecord) -> str:
 
 
 def format_json(record: RequestRecord) -> str:
-    """The record as one compact JSON object."""
-    return json.dumps(asdict(record), separators=(",", ":"))
+    """The record as one compact JSON object (the token counts as fields of their own)."""
+    fields = asdict(record)
+    tokens = fields.pop("tokens")
+    fields.update(zip(TOKEN_FIELDS, tokens or (None,) * len(TOKEN_FIELDS), strict=True))
+    return json.dumps(fields, separators=(",", ":"))
 
 
 _Record = TypeVar("_Record", RequestRecord, SessionRecord)

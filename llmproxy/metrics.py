@@ -24,7 +24,6 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from llmproxy.access_log import (
     CLIENT_DISCONNECT,
     NOT_REPORTED,
-    USAGE_KNOWN,
     RequestRecord,
     SessionRecord,
 )
@@ -122,12 +121,12 @@ def _tokens_of(key: str, model: str) -> tuple[Any, Any, Any, Any]:
 def observe(record: RequestRecord) -> None:
     """Count one finished request."""
     _requests_with(record.key, record.status or 0).inc()
-    if record.usage == USAGE_KNOWN:
-        input_, output, cached, reasoning = _tokens_of(record.key, record.model or "unknown")
-        input_.inc(record.input_tokens or 0)
-        output.inc(record.output_tokens or 0)
-        cached.inc(record.cached_input_tokens or 0)
-        reasoning.inc(record.reasoning_tokens or 0)
+    tokens = record.tokens
+    if tokens is not None:
+        model, *counts = tokens
+        for counter, count in zip(_tokens_of(record.key, model or "unknown"), counts, strict=True):
+            if count:  # each increment takes a lock; cached and reasoning are mostly 0
+                counter.inc(count)
     elif record.usage is not None:
         USAGE_UNKNOWN.labels(record.key, record.usage_unknown_reason or NOT_REPORTED).inc()
     if record.upstream_headers_ms is not None:

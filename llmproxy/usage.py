@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 from llmproxy.access_log import (
     CLIENT_DISCONNECT,
@@ -38,7 +37,7 @@ _TAIL_BYTES = 16 * 1024
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
-_MODEL_VALUE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_MODEL_ESCAPED = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _RESPONSES_ENDINGS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _DECODER = json.JSONDecoder()
 # The endpoints whose answers report token usage (POST).
@@ -47,8 +46,7 @@ USAGE_PATHS = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
     """What one answer reported it used."""
 
     model: str | None
@@ -58,84 +56,139 @@ class Usage:
     reasoning_tokens: int = 0
 
 
+# A usage object's field names: input, output, and the details objects of cached input and
+# reasoning tokens (chat and completions; the Responses API; Realtime).
+_CHAT_NAMES = (
+    "prompt_tokens",
+    "completion_tokens",
+    "prompt_tokens_details",
+    "completion_tokens_details",
+)
+_RESPONSES_NAMES = (
+    "input_tokens",
+    "output_tokens",
+    "input_tokens_details",
+    "output_tokens_details",
+)
+_REALTIME_NAMES = ("input_tokens", "output_tokens", "input_token_details", "output_token_details")
+
+
 def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
-def _detail(usage: dict[str, Any], groups: tuple[str, ...], name: str) -> int:
-    """`name` inside the first of the `*_details` objects present."""
-    for group in groups:
-        details = usage.get(group)
-        if isinstance(details, dict):
-            return _count(details.get(name))
-    return 0
+    """A token count as reported, or 0 for anything that is not a whole number >= 0."""
+    return value if type(value) is int and value >= 0 else 0  # (a bool's type is bool)
 
 
 def usage_from_object(usage: object, model: object) -> Usage | None:
-    """A `usage` object of any OpenAI answer, with the model the answer names."""
-    if not isinstance(usage, dict):
+    """A `usage` object of any OpenAI answer, with the model the answer names.
+
+    Read once per request on the hot path, so it is written for few steps, not for beauty.
+    """
+    if type(usage) is not dict:
         return None
-    shown_model = model if isinstance(model, str) else None
-    if "input_tokens" in usage or "output_tokens" in usage:  # Responses API, Realtime
-        return Usage(
-            shown_model,
-            _count(usage.get("input_tokens")),
-            _count(usage.get("output_tokens")),
-            _detail(usage, ("input_tokens_details", "input_token_details"), "cached_tokens"),
-            _detail(usage, ("output_tokens_details", "output_token_details"), "reasoning_tokens"),
-        )
-    if "prompt_tokens" in usage or "completion_tokens" in usage:  # chat, completions, embeddings
-        return Usage(
-            shown_model,
-            _count(usage.get("prompt_tokens")),
-            _count(usage.get("completion_tokens")),
-            _detail(usage, ("prompt_tokens_details",), "cached_tokens"),
-            _detail(usage, ("completion_tokens_details",), "reasoning_tokens"),
-        )
-    return None
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        names = _CHAT_NAMES
+    elif "input_tokens" in usage or "output_tokens" in usage:
+        names = _REALTIME_NAMES if "input_token_details" in usage else _RESPONSES_NAMES
+    else:
+        return None
+    input_name, output_name, input_details, output_details = names
+    get = usage.get
+    details = get(input_details)
+    cached = details.get("cached_tokens") if type(details) is dict else 0
+    details = get(output_details)
+    reasoning = details.get("reasoning_tokens") if type(details) is dict else 0
+    input_tokens = get(input_name)
+    output_tokens = get(output_name)
+    # `tuple.__new__` is the NamedTuple's constructor without its Python-level wrapper.
+    return tuple.__new__(
+        Usage,
+        (
+            model if type(model) is str else None,
+            input_tokens if type(input_tokens) is int and input_tokens >= 0 else 0,
+            output_tokens if type(output_tokens) is int and output_tokens >= 0 else 0,
+            cached if type(cached) is int and cached >= 0 else 0,
+            reasoning if type(reasoning) is int and reasoning >= 0 else 0,
+        ),
+    )
 
 
 class JsonUsageTap:
     """The usage of a non-streamed JSON answer: its head and tail are kept, nothing else."""
 
-    __slots__ = ("_head", "_seen", "_tail")
+    __slots__ = ("_head", "_tail")
 
     def __init__(self) -> None:
-        self._head = b""
+        self._head: bytes | None = None
         self._tail = b""
-        self._seen = 0
 
     def feed(self, chunk: bytes) -> None:
+        if self._head is None:  # the first chunk, most often the whole body: kept, not copied
+            self._head = chunk[:_HEAD_BYTES] if len(chunk) > _HEAD_BYTES else chunk
+            self._tail = chunk[-_TAIL_BYTES:] if len(chunk) > _TAIL_BYTES else chunk
+            return
         if len(self._head) < _HEAD_BYTES:
             self._head += chunk[: _HEAD_BYTES - len(self._head)]
-        self._seen += len(chunk)
-        tail = self._tail + chunk if self._tail else chunk
+        tail = self._tail + chunk
         self._tail = tail[-_TAIL_BYTES:] if len(tail) > _TAIL_BYTES else tail
 
     def usage(self) -> Usage | None:
         """What the body reported, once it is complete; None if it named no usage."""
-        whole = self._seen <= _HEAD_BYTES
-        tail = self._head if whole else self._tail
-        # The last one: a top-level usage comes after the content.
-        match = next(reversed(list(_USAGE_OBJECT.finditer(tail))), None)
-        if match is None:
+        tail = self._tail
+        # The last `"usage": {` (a top-level usage comes after the content); the common
+        # spellings are checked by slicing, the regular expression is the fallback.
+        at = tail.rfind(b'"usage"')
+        if at == -1:
             return None
+        after = tail[at + 7 : at + 10]
+        if after[:2] == b":{":
+            start = at + 8
+        elif after == b": {":
+            start = at + 9
+        else:
+            start = _last_usage_object(tail)
+            if start == -1:
+                return None
         try:
-            usage, _ = _DECODER.raw_decode(
-                tail.decode("utf-8", "replace"), _char_index(tail, match)
-            )
+            usage = _DECODER.raw_decode(tail[start:].decode("utf-8", "replace"))[0]
         except ValueError:
             return None
-        return usage_from_object(usage, _first_model(self._head) or _first_model(self._tail))
+        head = self._head
+        model = _first_model(head) if head is not None else None
+        return usage_from_object(usage, model or _first_model(tail))
 
 
-def _char_index(data: bytes, match: re.Match[bytes]) -> int:
-    """Where the usage object's `{` is, as an index into `data` decoded."""
-    return len(data[: match.end() - 1].decode("utf-8", "replace"))
+def _last_usage_object(data: bytes) -> int:
+    """Where the `{` of the last `"usage": {` is, or -1."""
+    match = None
+    for match in _USAGE_OBJECT.finditer(data):  # noqa: B007 - the last one is wanted
+        pass
+    return -1 if match is None else match.end() - 1
 
 
 def _first_model(data: bytes) -> str | None:
-    match = _MODEL_VALUE.search(data)
+    """The value of the first `"model": "..."` in `data`."""
+    at = data.find(b'"model"')
+    if at == -1:
+        return None
+    after = data[at + 7 : at + 10]
+    if after[:2] == b':"':
+        value = at + 9
+    elif after == b': "':
+        value = at + 10
+    else:
+        return _spelled_model(data)
+    close = data.find(b'"', value)
+    if close == -1:
+        return None
+    text = data[value:close]
+    if text[-1:] == b"\\":  # an escaped quote: the careful way
+        return _spelled_model(data)
+    return text.decode("utf-8", "replace")
+
+
+def _spelled_model(data: bytes) -> str | None:
+    """The first model value however it is spaced or escaped."""
+    match = _MODEL_ESCAPED.search(data)
     if match is None:
         return None
     try:
@@ -236,8 +289,4 @@ def record_usage(record: RequestRecord, usage: Usage | None) -> None:
             record.usage_unknown_reason = NOT_REPORTED
         return
     record.usage = USAGE_KNOWN
-    record.model = usage.model
-    record.input_tokens = usage.input_tokens
-    record.output_tokens = usage.output_tokens
-    record.cached_input_tokens = usage.cached_input_tokens
-    record.reasoning_tokens = usage.reasoning_tokens
+    record.tokens = usage
