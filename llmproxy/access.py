@@ -115,51 +115,6 @@ def presented_key(name: str, value: str) -> str | None:
     return None
 
 
-def is_access_key(candidate: str, keys: Sequence[bytes]) -> bool:
-    """Whether `candidate` is one of `keys`, comparing with every key in constant time."""
-    presented = candidate.encode("utf-8", "surrogateescape")
-    found = False
-    for key in keys:
-        found |= hmac.compare_digest(presented, key)
-    return found
-
-
-def authenticate(
-    client_headers: Sequence[tuple[str, str]], keys: Sequence[bytes]
-) -> list[tuple[str, str]] | None:
-    """The client's headers without those carrying a valid access key; None if none did."""
-    kept: list[tuple[str, str]] = []
-    authenticated = False
-    for name, value in client_headers:
-        if name.lower() in KEY_HEADERS:
-            candidate = presented_key(name, value)
-            if candidate is not None and is_access_key(candidate, keys):
-                authenticated = True
-                continue
-        kept.append((name, value))
-    return kept if authenticated else None
-
-
-def authenticate_subprotocols(
-    subprotocols: Sequence[str], keys: Sequence[bytes]
-) -> list[str] | None:
-    """The offered subprotocols without those carrying a valid access key; None if none did.
-
-    Only a subprotocol that proved the client is removed: any other is the upstream's to accept
-    or refuse, as for headers.
-    """
-    kept: list[str] = []
-    authenticated = False
-    for subprotocol in subprotocols:
-        if subprotocol.startswith(KEY_SUBPROTOCOL_PREFIX) and is_access_key(
-            subprotocol[len(KEY_SUBPROTOCOL_PREFIX) :], keys
-        ):
-            authenticated = True
-            continue
-        kept.append(subprotocol)
-    return kept if authenticated else None
-
-
 def usable_request_id(value: str | None) -> str | None:
     """A client's `x-request-id` if it is safe to log and forward (short, plain characters)."""
     if value is not None and _REQUEST_ID.match(value):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from llmproxy import cli
+from llmproxy.access import KeyRing, unnamed_key_name
 from llmproxy.config import Configuration, ConfigurationError, load_configuration
 from llmproxy.websocket_protocol import websocket_server_options
 
@@ -372,12 +373,13 @@ def test_access_keys_from_variable_and_file(tmp_path: Path) -> None:
     configuration = load_configuration(
         {"LLMPROXY_ACCESS_KEYS": "key-a,key-b", "LLMPROXY_ACCESS_KEYS_FILE": str(keys_file)}
     )
-    assert configuration.proxy_access_keys() == (
-        "key-a",
-        "key-b",
-        "key-from-file-1",
-        "key-from-file-2",
-    )
+    ring = KeyRing(configuration.proxy_access_keys())
+    for key in ("key-a", "key-b", "key-from-file-1", "key-from-file-2"):
+        found = ring.find(key)
+        assert found is not None
+        assert found.name == unnamed_key_name(key)
+    assert ring.find("key-c") is None
+    assert len(configuration.proxy_access_keys()) == 4
     assert "key-a" not in repr(configuration)
 
 

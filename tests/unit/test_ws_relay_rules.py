@@ -12,7 +12,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from websockets.frames import EXTERNAL_CLOSE_CODES, Close
 
-from llmproxy.access import KEY_SUBPROTOCOL_PREFIX, authenticate_subprotocols
+from llmproxy.access import KEY_SUBPROTOCOL_PREFIX, AccessKey, KeyRing, key_digest
 from llmproxy.ws_relay import close_towards_client, close_towards_upstream, text_size
 
 GOING_AWAY = 1001
@@ -155,6 +155,15 @@ def key_subprotocol(key: str) -> str:
     return KEY_SUBPROTOCOL_PREFIX + key
 
 
+def authenticate_subprotocols(offered: list[str], configured: list[bytes]) -> list[str] | None:
+    """The subprotocols a key ring of `configured` keys leaves, None if none proved a key."""
+    ring = KeyRing(
+        AccessKey(f"key{n}", key_digest(key.decode())) for n, key in enumerate(configured)
+    )
+    found = ring.authenticate_subprotocols(offered)
+    return None if found is None else found[1]
+
+
 @st.composite
 def offers(draw: st.DrawFn) -> tuple[list[str], list[bytes], list[str]]:
     """(configured keys, offered subprotocols, those not carrying a valid key in order)."""
@@ -230,3 +239,9 @@ def test_any_of_several_configured_keys_proves_the_client() -> None:
     configured = [b"key-one", b"key-two"]
     offered = ["realtime", key_subprotocol("key-two")]
     assert authenticate_subprotocols(offered, configured) == ["realtime"]
+    ring = KeyRing(
+        [AccessKey("one", key_digest("key-one")), AccessKey("two", key_digest("key-two"))]
+    )
+    found = ring.authenticate_subprotocols(offered)
+    assert found is not None
+    assert found[0].name == "two"
