@@ -100,8 +100,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         }
     finally:
         watch.stop()
+        redis_limiter = app.forwarder.redis_limiter
         app.forwarder = None
         app.websocket_relay = None
+        if redis_limiter is not None:
+            await redis_limiter.close()
         await client.close()
         flush_request_log()
 

@@ -85,6 +85,12 @@ class Configuration:
     # head; and the longest silence within a request body (nginx's, DESIGN §13).
     client_header_timeout: float = 60.0
     client_body_timeout: float = 60.0
+    # Per-key limits shared through Redis (DESIGN §11); without a URL they live in the process.
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
+    redis_timeout: float = 0.1  # seconds, each call
+    redis_failure: str = "open"  # "open": let requests pass while Redis fails; "closed": 503
+    # Ask streamed chat/completions requests for usage and hide the usage-only chunk (§11).
+    usage_injection: bool = False
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
@@ -155,6 +161,9 @@ class Configuration:
             f"log_format={self.log_format!r}, drain_timeout={self.drain_timeout}, "
             f"client_header_timeout={self.client_header_timeout}, "
             f"client_body_timeout={self.client_body_timeout}, "
+            f"redis_url={'set' if self.redis_url else 'unset'}, "
+            f"redis_timeout={self.redis_timeout}, redis_failure={self.redis_failure!r}, "
+            f"usage_injection={self.usage_injection}, "
             f"host={self.host!r}, port={self.port}, workers={self.workers})"
         )
 
@@ -309,6 +318,47 @@ def parse_max_concurrent(raw: object) -> int | None:
     return value or None
 
 
+def parse_redis_url(raw: object) -> str | None:
+    """`redis://[:password@]host[:port][/db]`, `rediss://` (TLS) or `unix:///path`; empty: none."""
+    if not isinstance(raw, str):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    value = raw.strip()
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")  # never the value
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError("names no host")
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError("names no socket path")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError("has a port that is not a number from 0 to 65535") from None
+    return value
+
+
+def parse_redis_failure(raw: object) -> str:
+    """`open` (requests pass while Redis fails) or `closed` (they get 503)."""
+    if not isinstance(raw, str) or raw.strip().lower() not in ("open", "closed"):
+        raise ValueError(f"must be 'open' or 'closed', got {raw!r}")
+    return raw.strip().lower()
+
+
+def parse_bool(raw: object) -> bool:
+    """true/false, yes/no, on/off, 1/0, or a TOML boolean."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str):
+        lowered = raw.strip().lower()
+        if lowered in ("true", "yes", "on", "1"):
+            return True
+        if lowered in ("false", "no", "off", "0", ""):
+            return False
+    raise ValueError(f"must be true or false, got {raw!r}")
+
+
 def parse_log_format(raw: object) -> str:
     """`text` (readable) or `json` (one object per line)."""
     if not isinstance(raw, str) or raw.strip().lower() not in ("text", "json"):
@@ -417,6 +467,10 @@ SETTINGS: tuple[Setting, ...] = (
         "--client-body-timeout",
         parse_timeout,
     ),
+    Setting("redis_url", "LLMPROXY_REDIS_URL", "--redis-url", parse_redis_url),
+    Setting("redis_timeout", "LLMPROXY_REDIS_TIMEOUT", "--redis-timeout", parse_timeout),
+    Setting("redis_failure", "LLMPROXY_REDIS_FAILURE", "--redis-failure", parse_redis_failure),
+    Setting("usage_injection", "LLMPROXY_USAGE_INJECTION", "--usage-injection", parse_bool),
     Setting("host", "LLMPROXY_HOST", "--host", parse_host),
     Setting("port", "LLMPROXY_PORT", "--port", parse_port),
     Setting("workers", "LLMPROXY_WORKERS", "--workers", parse_workers),
@@ -497,6 +551,16 @@ def load_configuration(
             label = file_values["upstream_headers_by_url"][0]
             raise ConfigurationError(label, f"{url!r} is not one of the upstream URLs")
     _check_keys_distinct(configuration, flags, environ, file_values)
+    if (
+        configuration.workers > 1
+        and configuration.redis_url is None
+        and any(key.limits.any for key in configuration.proxy_access_keys())
+    ):
+        raise ConfigurationError(
+            _label_of("workers", flags, environ, file_values),
+            "per-key limits with several workers need LLMPROXY_REDIS_URL: each worker would "
+            "otherwise allow the whole limit",
+        )
     return configuration
 
 

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from starlette.types import Message, Receive, Scope, Send
 
 from llmproxy import errors, metrics
-from llmproxy.access import KeyRing, usable_request_id
+from llmproxy.access import AccessKey, KeyRing, usable_request_id
 from llmproxy.access_log import (
     CLIENT_DISCONNECT,
     CLIENT_TIMEOUT,
@@ -40,6 +40,7 @@ from llmproxy.headers import (
     merge_upstream_headers,
     wire_headers,
 )
+from llmproxy.limiter import LimitRefusal, MemoryLimiter, RedisLimiter
 from llmproxy.protocol import disconnect_signal
 from llmproxy.retry import AttemptOutcome, RetryDecision, decide, next_upstream
 from llmproxy.targets import has_dot_segment, is_api_path, request_target
@@ -64,6 +65,21 @@ _INTERRUPTED_MESSAGE: Message = {
     "more_body": False,
 }
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def create_limiter(
+    configuration: Configuration,
+) -> tuple[MemoryLimiter | None, RedisLimiter | None]:
+    """The store of the per-key limits: none if no key has limits, else Redis or the process."""
+    if not any(key.limits.any for key in configuration.proxy_access_keys()):
+        return None, None
+    if configuration.redis_url is not None:
+        return None, RedisLimiter(
+            configuration.redis_url,
+            configuration.redis_timeout,
+            fail_closed=configuration.redis_failure == "closed",
+        )
+    return MemoryLimiter(), None
 
 
 def create_upstream_client(configuration: Configuration) -> UpstreamClient:
@@ -96,6 +112,7 @@ class _Exchange:
     client_gone: bool = False
     task: asyncio.Task[None] | None = None  # the forwarding task, cancelled if the client goes
     tap: UsageTap | None = None  # reads the answer's token usage, when one is due
+    limited_key: AccessKey | None = None  # holds a slot of its key's limits until released
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
@@ -122,6 +139,7 @@ class Forwarder:
         self._policy = configuration.retry_policy()
         self._keepalive = configuration.sse_keepalive
         self.keys = KeyRing(configuration.proxy_access_keys())
+        self._memory_limiter, self.redis_limiter = create_limiter(configuration)
         self._max_body_bytes = configuration.max_body_bytes
         self._max_concurrent = configuration.max_concurrent_requests
         self._format_log = format_json if configuration.log_format == "json" else format_text
@@ -174,6 +192,8 @@ class Forwarder:
                     return
                 key, client_headers = authenticated
                 record.key = key.name
+            else:
+                key = None
             if _declared_length(scope["headers"]) > self._max_body_bytes:
                 await self._refuse(send, errors.REQUEST_TOO_LARGE, exchange)  # before reading
                 return
@@ -195,6 +215,19 @@ class Forwarder:
                     record.ending = CLIENT_DISCONNECT
                 return
             record.bytes_in = len(body)
+            if key is not None and key.limits.any:
+                # The per-key limits (DESIGN §11): the gate that takes something, so the last.
+                memory = self._memory_limiter
+                refused: LimitRefusal | ProxyError | None
+                if memory is not None:
+                    refused = memory.check(key, record.request_id)
+                else:
+                    assert self.redis_limiter is not None
+                    refused = await self.redis_limiter.check(key, record.request_id)
+                if refused is not None:
+                    await self._refuse_over_limit(send, refused, exchange)
+                    return
+                exchange.limited_key = key
 
             task = exchange.task = asyncio.current_task()
             assert task is not None
@@ -238,6 +271,8 @@ class Forwarder:
             record.total_ms = exchange.elapsed_ms()
             if exchange.tap is not None:
                 record_usage(record, exchange.tap.usage())
+            if exchange.limited_key is not None:
+                self._release(exchange.limited_key, record)
             log_request(record, self._format_log)
             metrics.observe(record)
 
@@ -381,6 +416,26 @@ class Forwarder:
             metrics.ACTIVE_STREAMS.dec()
         exchange.finished = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _release(self, key: AccessKey, record: RequestRecord) -> None:
+        """Give back the key's concurrency slot and pay the tokens the answer reported."""
+        tokens = record.tokens
+        used = tokens[1] + tokens[2] if tokens is not None else 0  # input + output
+        if self._memory_limiter is not None:
+            self._memory_limiter.release(key, record.request_id, used)
+        elif self.redis_limiter is not None:
+            self.redis_limiter.release(key, record.request_id, used)
+
+    async def _refuse_over_limit(
+        self, send: Send, refused: LimitRefusal | ProxyError, exchange: _Exchange
+    ) -> None:
+        if isinstance(refused, ProxyError):  # the limiter's store failed, and fails closed
+            await self._refuse(send, refused, exchange)
+            return
+        error = refused.error()
+        exchange.record.status = error.status
+        exchange.record.ending = PROXY_ERROR
+        await send_proxy_error(send, error, *refused.headers, exchange.request_id_header)
 
     async def _refuse(self, send: Send, error: ProxyError, exchange: _Exchange) -> None:
         exchange.record.status = error.status

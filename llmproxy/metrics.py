@@ -44,6 +44,10 @@ TOKENS = Counter(
     "(input, output, cached_input, reasoning)",
     ["key", "model", "kind"],
 )
+LIMITER_ERRORS = Counter(
+    "llmproxy_limiter_errors_total",
+    "Calls to the rate limiter's Redis that failed or timed out (redis_timeout)",
+)
 USAGE_UNKNOWN = Counter(
     "llmproxy_usage_unknown_total",
     "Answers that should have reported token usage and did not, by key and why "
