@@ -56,6 +56,7 @@ from llmproxy.upstream_client import (
     UpstreamResponse,
 )
 from llmproxy.usage import UsageTap, record_usage, tap_for, usage_due
+from llmproxy.usage_injection import INJECTED_PATHS, UsageChunkRemover, request_with_usage
 
 logger = logging.getLogger("llmproxy")
 
@@ -113,6 +114,7 @@ class _Exchange:
     task: asyncio.Task[None] | None = None  # the forwarding task, cancelled if the client goes
     tap: UsageTap | None = None  # reads the answer's token usage, when one is due
     limited_key: AccessKey | None = None  # holds a slot of its key's limits until released
+    usage_injected: bool = False  # the proxy asked for the usage: its chunk is removed
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
@@ -141,6 +143,7 @@ class Forwarder:
         self.keys = KeyRing(configuration.proxy_access_keys())
         self._memory_limiter, self.redis_limiter = create_limiter(configuration)
         self._max_body_bytes = configuration.max_body_bytes
+        self._usage_injection = configuration.usage_injection
         self._max_concurrent = configuration.max_concurrent_requests
         self._format_log = format_json if configuration.log_format == "json" else format_text
         self._client = client
@@ -214,6 +217,11 @@ class Forwarder:
                 else:
                     record.ending = CLIENT_DISCONNECT
                 return
+            if self._usage_injection and exchange.usage_due and raw_path in INJECTED_PATHS:
+                asking = request_with_usage(body)
+                if asking is not None:  # the opt-in that changes bytes (DESIGN §11)
+                    body = asking
+                    exchange.usage_injected = True
             record.bytes_in = len(body)
             if key is not None and key.limits.any:
                 # The per-key limits (DESIGN §11): the gate that takes something, so the last.
@@ -383,15 +391,23 @@ class Forwarder:
             if can_end_with_event and self._keepalive is not None
             else upstream
         )
+        remover = UsageChunkRemover() if exchange.usage_injected and is_sse else None
         metrics.ACTIVE_STREAMS.inc()
         try:
             async for chunk in chunks:
                 if record.first_byte_ms is None:
                     record.first_byte_ms = exchange.elapsed_ms()
-                record.bytes_out += len(chunk)
                 if tap is not None:
                     tap.feed(chunk)
+                if remover is not None:
+                    chunk = remover.feed(chunk)
+                    if not chunk:
+                        continue
+                record.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if remover is not None and (rest := remover.flush()):
+                record.bytes_out += len(rest)
+                await send({"type": "http.response.body", "body": rest, "more_body": True})
         except asyncio.CancelledError:
             # Cancelled by the server's drain deadline on shutdown (a client disconnect needs
             # no answer): tell the client the stream was cut rather than let it look whole.
