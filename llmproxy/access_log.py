@@ -83,6 +83,10 @@ class SessionRecord:
     upstream_close_code: int | None = None
     total_ms: float | None = None
     ending: str = PROXY_ERROR
+    # The tokens of every `response.done` (Realtime), summed; as in RequestRecord.
+    usage: str | None = None
+    tokens: tuple[str | None, int, int, int, int] | None = None
+    usage_unknown_reason: str | None = None
 
 
 def format_session_text(record: SessionRecord) -> str:
@@ -95,13 +99,13 @@ def format_session_text(record: SessionRecord) -> str:
         f" to_client={record.messages_to_client}msg/{record.bytes_to_client}B"
         f" client_close={record.client_close_code or '-'}"
         f" upstream_close={record.upstream_close_code or '-'}"
-        f" total={total} ending={record.ending}"
+        f" total={total} ending={record.ending} key={record.key}" + _usage_text(record)
     )
 
 
 def format_session_json(record: SessionRecord) -> str:
     """The session's record as one compact JSON object, `"kind": "websocket"` first."""
-    return json.dumps({"kind": "websocket", **asdict(record)}, separators=(",", ":"))
+    return json.dumps({"kind": "websocket", **_flat_fields(record)}, separators=(",", ":"))
 
 
 def format_text(record: RequestRecord) -> str:
@@ -124,7 +128,7 @@ def format_text(record: RequestRecord) -> str:
 TOKEN_FIELDS = ("model", "input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens")
 
 
-def _usage_text(record: RequestRecord) -> str:
+def _usage_text(record: RequestRecord | SessionRecord) -> str:
     if record.tokens is not None:
         model, input_tokens, output_tokens, cached, reasoning = record.tokens
         return (
@@ -138,10 +142,14 @@ def _usage_text(record: RequestRecord) -> str:
 
 def format_json(record: RequestRecord) -> str:
     """The record as one compact JSON object (the token counts as fields of their own)."""
+    return json.dumps(_flat_fields(record), separators=(",", ":"))
+
+
+def _flat_fields(record: RequestRecord | SessionRecord) -> dict[str, object]:
     fields = asdict(record)
     tokens = fields.pop("tokens")
     fields.update(zip(TOKEN_FIELDS, tokens or (None,) * len(TOKEN_FIELDS), strict=True))
-    return json.dumps(fields, separators=(",", ":"))
+    return fields
 
 
 _Record = TypeVar("_Record", RequestRecord, SessionRecord)

@@ -225,13 +225,7 @@ class Forwarder:
             record.bytes_in = len(body)
             if key is not None and key.limits.any:
                 # The per-key limits (DESIGN §11): the gate that takes something, so the last.
-                memory = self._memory_limiter
-                refused: LimitRefusal | ProxyError | None
-                if memory is not None:
-                    refused = memory.check(key, record.request_id)
-                else:
-                    assert self.redis_limiter is not None
-                    refused = await self.redis_limiter.check(key, record.request_id)
+                refused = await self.check_limits(key, record.request_id)
                 if refused is not None:
                     await self._refuse_over_limit(send, refused, exchange)
                     return
@@ -280,7 +274,7 @@ class Forwarder:
             if exchange.tap is not None:
                 record_usage(record, exchange.tap.usage())
             if exchange.limited_key is not None:
-                self._release(exchange.limited_key, record)
+                self.release_limits(exchange.limited_key, record.request_id, record.tokens)
             log_request(record, self._format_log)
             metrics.observe(record)
 
@@ -433,14 +427,28 @@ class Forwarder:
         exchange.finished = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    def _release(self, key: AccessKey, record: RequestRecord) -> None:
+    async def check_limits(
+        self, key: AccessKey, request_id: str
+    ) -> LimitRefusal | ProxyError | None:
+        """Whether a request of `key` may go (its slot then taken); the refusal if not.
+
+        Only the Redis store awaits: the in-process one answers at once.
+        """
+        memory = self._memory_limiter
+        if memory is not None:
+            return memory.check(key, request_id)
+        assert self.redis_limiter is not None
+        return await self.redis_limiter.check(key, request_id)
+
+    def release_limits(
+        self, key: AccessKey, request_id: str, tokens: tuple[str | None, int, int, int, int] | None
+    ) -> None:
         """Give back the key's concurrency slot and pay the tokens the answer reported."""
-        tokens = record.tokens
         used = tokens[1] + tokens[2] if tokens is not None else 0  # input + output
         if self._memory_limiter is not None:
-            self._memory_limiter.release(key, record.request_id, used)
+            self._memory_limiter.release(key, request_id, used)
         elif self.redis_limiter is not None:
-            self.redis_limiter.release(key, record.request_id, used)
+            self.redis_limiter.release(key, request_id, used)
 
     async def _refuse_over_limit(
         self, send: Send, refused: LimitRefusal | ProxyError, exchange: _Exchange

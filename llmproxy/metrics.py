@@ -125,14 +125,7 @@ def _tokens_of(key: str, model: str) -> tuple[Any, Any, Any, Any]:
 def observe(record: RequestRecord) -> None:
     """Count one finished request."""
     _requests_with(record.key, record.status or 0).inc()
-    tokens = record.tokens
-    if tokens is not None:
-        model, *counts = tokens
-        for counter, count in zip(_tokens_of(record.key, model or "unknown"), counts, strict=True):
-            if count:  # each increment takes a lock; cached and reasoning are mostly 0
-                counter.inc(count)
-    elif record.usage is not None:
-        USAGE_UNKNOWN.labels(record.key, record.usage_unknown_reason or NOT_REPORTED).inc()
+    _count_usage(record)
     if record.upstream_headers_ms is not None:
         UPSTREAM_HEADERS.observe(record.upstream_headers_ms / 1000)
     if record.first_byte_ms is not None:
@@ -143,11 +136,23 @@ def observe(record: RequestRecord) -> None:
         RETRIES.inc(record.attempts - 1)
 
 
+def _count_usage(record: RequestRecord | SessionRecord) -> None:
+    tokens = record.tokens
+    if tokens is not None:
+        model, *counts = tokens
+        for counter, count in zip(_tokens_of(record.key, model or "unknown"), counts, strict=True):
+            if count:  # each increment takes a lock; cached and reasoning are mostly 0
+                counter.inc(count)
+    elif record.usage is not None:
+        USAGE_UNKNOWN.labels(record.key, record.usage_unknown_reason or NOT_REPORTED).inc()
+
+
 def observe_session(record: SessionRecord) -> None:
     """Count one finished WebSocket session (its messages were counted as they passed)."""
     _requests_with(record.key, record.status or 0).inc()
     if record.status == 101:
         WEBSOCKET_SESSIONS.labels(str(record.client_close_code or 0)).inc()
+    _count_usage(record)
 
 
 def exposition() -> tuple[bytes, str]:

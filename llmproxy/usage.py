@@ -27,6 +27,7 @@ from llmproxy.access_log import (
     USAGE_KNOWN,
     USAGE_UNKNOWN,
     RequestRecord,
+    SessionRecord,
 )
 
 # How much of a JSON body is kept to look in: its usage and model sit at its ends.
@@ -279,7 +280,7 @@ def tap_for(due: bool, status: int, content_type: bytes) -> UsageTap | None:
     return None
 
 
-def record_usage(record: RequestRecord, usage: Usage | None) -> None:
+def record_usage(record: RequestRecord | SessionRecord, usage: Usage | None) -> None:
     """Put what the answer reported in the request's record (or that it is unknown, and why)."""
     if usage is None:
         record.usage = USAGE_UNKNOWN
@@ -290,3 +291,48 @@ def record_usage(record: RequestRecord, usage: Usage | None) -> None:
         return
     record.usage = USAGE_KNOWN
     record.tokens = usage
+
+
+class RealtimeUsageTap:
+    """The tokens of a Realtime session: every `response.done`'s usage, summed, with the model
+    of `session.created` / `session.updated`. Only messages naming those events are parsed."""
+
+    __slots__ = ("_cached", "_input", "_output", "_reasoning", "model", "reported", "responses")
+
+    def __init__(self) -> None:
+        self.model: str | None = None
+        self.responses = 0  # `response.created` seen: each should end in a usage
+        self.reported = 0  # `response.done` events with a usage
+        self._input = self._output = self._cached = self._reasoning = 0
+
+    def feed(self, text: str) -> None:
+        if '"response.created"' in text:
+            self.responses += 1
+        elif (
+            '"response.done"' in text or '"session.created"' in text or '"session.updated"' in text
+        ):
+            try:
+                payload = json.loads(text)
+            except ValueError:
+                return
+            if not isinstance(payload, dict):
+                return
+            if payload.get("type") in ("session.created", "session.updated"):
+                session = payload.get("session")
+                model = session.get("model") if isinstance(session, dict) else None
+                if isinstance(model, str):
+                    self.model = model
+                return
+            usage = usage_of_payload(payload)
+            if usage is not None:
+                self.reported += 1
+                self._input += usage.input_tokens
+                self._output += usage.output_tokens
+                self._cached += usage.cached_input_tokens
+                self._reasoning += usage.reasoning_tokens
+
+    def usage(self) -> Usage | None:
+        """The session's tokens; None if a response reported none (or none was made)."""
+        if not self.reported or self.reported < self.responses:
+            return None
+        return Usage(self.model, self._input, self._output, self._cached, self._reasoning)

@@ -35,6 +35,7 @@ from websockets.typing import Subprotocol
 from websockets.uri import WebSocketURI
 
 from llmproxy import errors, metrics
+from llmproxy.access import AccessKey
 from llmproxy.access_log import (
     CLIENT_CLOSED,
     CLIENT_DISCONNECT,
@@ -53,9 +54,11 @@ from llmproxy.config import Configuration
 from llmproxy.errors import ProxyError
 from llmproxy.forwarder import Forwarder, Route, client_request_id
 from llmproxy.headers import filter_response_headers, merge_upstream_headers
+from llmproxy.limiter import LimitRefusal
 from llmproxy.retry import AttemptOutcome, RetryDecision, decide, next_upstream
 from llmproxy.targets import has_dot_segment, is_api_path, request_target
 from llmproxy.upstream_client import Origin, default_ssl_context
+from llmproxy.usage import RealtimeUsageTap, record_usage
 from llmproxy.websocket_protocol import (
     CONNECTION_LOST,
     PROTOCOL_LOGGER,
@@ -236,6 +239,16 @@ class _Upgrade:
         self.record.ending = PROXY_ERROR
         await send_upgrade_refusal(self.send, self.scope, error, self.id_header)
 
+    async def refuse_over_limit(self, refused: LimitRefusal | ProxyError) -> None:
+        """Answer 429 (a limit of the key) or 503 (the limiter's store failed closed)."""
+        if isinstance(refused, ProxyError):
+            await self.refuse(refused)
+            return
+        error = refused.error()
+        self.record.status = error.status
+        self.record.ending = PROXY_ERROR
+        await send_upgrade_refusal(self.send, self.scope, error, *refused.headers, self.id_header)
+
     async def pass_refusal(self, response: Response) -> None:
         """The upstream's non-101 answer, as it came (its hop-by-hop headers aside)."""
         raw = [
@@ -301,6 +314,7 @@ class WebSocketRelay:
             await upgrade.refuse(errors.INVALID_PATH)
             return
         keys = self._forwarder.keys
+        key: AccessKey | None = None
         if keys:
             by_header = keys.authenticate(client_headers)
             by_subprotocol = keys.authenticate_subprotocols(subprotocols)
@@ -317,12 +331,19 @@ class WebSocketRelay:
         if self._max_concurrent is not None and forwarder.active_requests >= self._max_concurrent:
             await upgrade.refuse(errors.PROXY_OVERLOADED)
             return
+        limited = key if key is not None and key.limits.any else None
+        if limited is not None:
+            refused = await forwarder.check_limits(limited, request_id)
+            if refused is not None:
+                await upgrade.refuse_over_limit(refused)
+                return
         headers = [
             (name, value)
             for name, value in client_headers
             if name.lower() not in _HANDSHAKE_HEADERS
         ]
         forwarder.active_requests += 1
+        tap = RealtimeUsageTap()
         try:
             opened = await self._open(
                 upgrade, raw_path, scope["query_string"], headers, subprotocols
@@ -340,13 +361,19 @@ class WebSocketRelay:
                 record.status = 101
                 metrics.WEBSOCKET_SESSIONS_ACTIVE.inc()
                 try:
-                    await self._relay(receive, send, opened.connection, record)
+                    await self._relay(receive, send, opened.connection, record, tap)
                 finally:
                     metrics.WEBSOCKET_SESSIONS_ACTIVE.dec()
             finally:
                 _release(opened.connection)
         finally:
             forwarder.active_requests -= 1
+            if record.status == 101:
+                usage = tap.usage()
+                if usage is not None or tap.responses:
+                    record_usage(record, usage)
+            if limited is not None:
+                forwarder.release_limits(limited, request_id, record.tokens)
 
     # -- the handshake ----------------------------------------------------------------------
     async def _open(
@@ -467,12 +494,17 @@ class WebSocketRelay:
 
     # -- the session ------------------------------------------------------------------------
     async def _relay(
-        self, receive: Receive, send: Send, upstream: ClientConnection, record: SessionRecord
+        self,
+        receive: Receive,
+        send: Send,
+        upstream: ClientConnection,
+        record: SessionRecord,
+        tap: RealtimeUsageTap,
     ) -> None:
         """Copy both ways until one side ends, then close the other side accordingly."""
         limit = self._max_message
         to_upstream = asyncio.create_task(_client_to_upstream(receive, upstream, record, limit))
-        to_client = asyncio.create_task(_upstream_to_client(upstream, send, record, limit))
+        to_client = asyncio.create_task(_upstream_to_client(upstream, send, record, limit, tap))
         pending: set[asyncio.Task[Any]] = {to_upstream, to_client}
         try:
             while pending:
@@ -590,7 +622,11 @@ class _UpstreamEnding:
 
 
 async def _upstream_to_client(
-    upstream: ClientConnection, send: Send, record: SessionRecord, limit: int
+    upstream: ClientConnection,
+    send: Send,
+    record: SessionRecord,
+    limit: int,
+    tap: RealtimeUsageTap,
 ) -> _UpstreamEnding | None:
     """Upstream messages to the client; how the upstream session ended, or None when the
     client side broke first (its disconnect message reports how)."""
@@ -607,6 +643,7 @@ async def _upstream_to_client(
         if isinstance(data, str):
             message = {"type": "websocket.send", "text": data}
             size = text_size(data)
+            tap.feed(data)
         else:
             message = {"type": "websocket.send", "bytes": data}
             size = len(data)
