@@ -392,6 +392,11 @@ async def _run(
             await session.start(echo)
             async for data in inbox:
                 await session.handle(data)
+        except OSError:
+            # The client left while an event was going out (uvicorn's ClientDisconnected):
+            # nobody to answer; the reader journals the leaving and ends the session.
+            with anyio.move_on_after(_ABORT_NOTICE_TIMEOUT):
+                await anyio.sleep_forever()
         except _SessionEndedError:
             ended.set()
             if session.script.ending == "stall":

@@ -324,3 +324,41 @@ async def test_the_sdks_realtime_client_drives_the_fake(fake_upstream: FakeUpstr
     [entry] = fake_upstream.journal()
     assert entry["query"] == "model=gpt-realtime"
     assert ["authorization", "Bearer sk-test"] in entry["headers"]
+
+
+async def test_a_client_gone_as_an_event_goes_out_ends_the_session_quietly() -> None:
+    # The race a real server makes rare: the connection is lost between the 101 and the first
+    # event, so uvicorn's `send` raises ClientDisconnected (an OSError) before `receive` has
+    # reported the disconnect. Driven over ASGI directly to make it happen every time.
+    from fake_upstream.app import create_app, journal_of
+
+    app = create_app()
+    gone = asyncio.Event()
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if not sent:
+            return {"type": "websocket.connect"}
+        await gone.wait()
+        return {"type": "websocket.disconnect", "code": 1006}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "websocket.send":
+            gone.set()
+            raise OSError("the client is gone")  # what uvicorn's ClientDisconnected is
+
+    scope = {
+        "type": "websocket",
+        "path": "/v1/realtime",
+        "raw_path": b"/v1/realtime",
+        "query_string": b"",
+        "headers": [],
+        "subprotocols": [],
+        "app": app,
+    }
+    async with asyncio.timeout(DEADLINE):
+        await app(scope, receive, send)  # returns: no exception escapes the session
+    [entry] = journal_of(app).entries()
+    assert entry["disconnected"]
+    assert entry["websocket"]["client_close"]["code"] == 1006
