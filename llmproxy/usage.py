@@ -30,8 +30,7 @@ from llmproxy.access_log import (
     SessionRecord,
 )
 
-# How much of a JSON body is kept to look in: its usage and model sit at its ends.
-_HEAD_BYTES = 16 * 1024
+# How much of a JSON body's end is kept to look in: a top-level usage is there.
 _TAIL_BYTES = 16 * 1024
 # The longest SSE event held while it is incomplete (a `response.completed` repeats the whole
 # output); one longer is not looked into, and the usage stays unknown.
@@ -39,6 +38,8 @@ MAX_EVENT_BYTES = 8 * 1024 * 1024
 
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _MODEL_ESCAPED = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
+# A `"model"` field that the end of the data may have cut short.
+_MODEL_PARTIAL = re.compile(rb'"model"\s*(?::\s*(?:"(?:[^"\\]|\\.)*\\?)?)?')
 _RESPONSES_ENDINGS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _DECODER = json.JSONDecoder()
 # The endpoints whose answers report token usage (POST).
@@ -114,21 +115,27 @@ def usage_from_object(usage: object, model: object) -> Usage | None:
 
 
 class JsonUsageTap:
-    """The usage of a non-streamed JSON answer: its head and tail are kept, nothing else."""
+    """The usage of a non-streamed JSON answer: the model it names and its tail are kept.
 
-    __slots__ = ("_head", "_tail")
+    The model is looked for in each chunk until found (the Responses API names it after the
+    echoed `instructions`, which may be long); the usage is looked for once, in the last
+    16 KiB, when the body is complete.
+    """
+
+    __slots__ = ("_model", "_pending", "_tail")
 
     def __init__(self) -> None:
-        self._head: bytes | None = None
+        self._model: str | None = None
+        self._pending = b""  # the end of the last chunk, if a `"model"` may go on past it
         self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
-        if self._head is None:  # the first chunk, most often the whole body: kept, not copied
-            self._head = chunk[:_HEAD_BYTES] if len(chunk) > _HEAD_BYTES else chunk
+        if self._model is None:
+            data = self._pending + chunk if self._pending else chunk
+            self._model, self._pending = _find_model(data)
+        if not self._tail:  # the first chunk, most often the whole body: kept, not copied
             self._tail = chunk[-_TAIL_BYTES:] if len(chunk) > _TAIL_BYTES else chunk
             return
-        if len(self._head) < _HEAD_BYTES:
-            self._head += chunk[: _HEAD_BYTES - len(self._head)]
         tail = self._tail + chunk
         self._tail = tail[-_TAIL_BYTES:] if len(tail) > _TAIL_BYTES else tail
 
@@ -153,9 +160,7 @@ class JsonUsageTap:
             usage = _DECODER.raw_decode(tail[start:].decode("utf-8", "replace"))[0]
         except ValueError:
             return None
-        head = self._head
-        model = _first_model(head) if head is not None else None
-        return usage_from_object(usage, model or _first_model(tail))
+        return usage_from_object(usage, self._model)
 
 
 def _last_usage_object(data: bytes) -> int:
@@ -166,34 +171,34 @@ def _last_usage_object(data: bytes) -> int:
     return -1 if match is None else match.end() - 1
 
 
-def _first_model(data: bytes) -> str | None:
-    """The value of the first `"model": "..."` in `data`."""
+_MODEL_CARRY_LIMIT = 1024  # a model value cut at a chunk's end is held up to this long
+
+
+def _find_model(data: bytes) -> tuple[str | None, bytes]:
+    """The first model `data` names, or None and what to keep for the next chunk (the end of
+    `data` if a `"model"` field may go on past it)."""
     at = data.find(b'"model"')
-    if at == -1:
-        return None
-    after = data[at + 7 : at + 10]
-    if after[:2] == b':"':
-        value = at + 9
-    elif after == b': "':
-        value = at + 10
-    else:
-        return _spelled_model(data)
-    close = data.find(b'"', value)
-    if close == -1:
-        return None
-    text = data[value:close]
-    if text[-1:] == b"\\":  # an escaped quote: the careful way
-        return _spelled_model(data)
-    return text.decode("utf-8", "replace")
+    while at != -1:
+        after = data[at + 7 : at + 10]
+        value = at + 9 if after[:2] == b':"' else at + 10 if after == b': "' else -1
+        if value != -1:  # the compact and the pretty spellings, checked by slicing
+            close = data.find(b'"', value)
+            text = data[value:close]
+            if close != -1 and b"\\" not in text:
+                return text.decode("utf-8", "replace"), b""
+        match = _MODEL_ESCAPED.match(data, at)
+        if match is not None:
+            return _unescaped(match.group(1)), b""
+        if _MODEL_PARTIAL.fullmatch(data, at):  # cut short by the chunk's end
+            rest = data[at:]
+            return None, rest if len(rest) <= _MODEL_CARRY_LIMIT else b""
+        at = data.find(b'"model"', at + 1)  # not a model field (`"model"` as a value, say)
+    return None, data[-6:]  # a `"model"` may begin in these bytes
 
 
-def _spelled_model(data: bytes) -> str | None:
-    """The first model value however it is spaced or escaped."""
-    match = _MODEL_ESCAPED.search(data)
-    if match is None:
-        return None
+def _unescaped(value: bytes) -> str | None:
     try:
-        model: str = json.loads(b'"' + match.group(1) + b'"')
+        model: str = json.loads(b'"' + value + b'"')
     except ValueError:
         return None
     return model
@@ -273,9 +278,10 @@ def tap_for(due: bool, status: int, content_type: bytes) -> UsageTap | None:
     """The tap for one answer, chosen once: None unless a successful answer reports usage."""
     if not due or not 200 <= status < 300:
         return None
-    if content_type.startswith(b"text/event-stream"):
+    kind = content_type[:24].lower()  # media types are case-insensitive (RFC 9110 §8.3.1)
+    if kind.startswith(b"text/event-stream"):
         return SseUsageTap()
-    if content_type.startswith(b"application/json"):
+    if kind.startswith(b"application/json"):
         return JsonUsageTap()
     return None
 
