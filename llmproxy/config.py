@@ -28,6 +28,7 @@ from llmproxy.retry import (
     parse_retry_deadline,
     parse_retry_statuses,
 )
+from llmproxy.tls import TlsFileError, upstream_ssl_context
 
 CONFIG_FILE_ENV = "LLMPROXY_CONFIG"
 
@@ -85,6 +86,10 @@ class Configuration:
     # head; and the longest silence within a request body (nginx's, DESIGN §13).
     client_header_timeout: float = 60.0
     client_body_timeout: float = 60.0
+    # TLS towards the upstream (DESIGN §12): extra trusted CAs, a client certificate and key.
+    upstream_ca_bundle: str | None = None
+    upstream_client_cert: str | None = None
+    upstream_client_key: str | None = None
     # Per-key limits shared through Redis (DESIGN §11); without a URL they live in the process.
     redis_url: str | None = field(default=None, repr=False)  # may hold a password
     redis_timeout: float = 0.1  # seconds, each call
@@ -161,6 +166,9 @@ class Configuration:
             f"log_format={self.log_format!r}, drain_timeout={self.drain_timeout}, "
             f"client_header_timeout={self.client_header_timeout}, "
             f"client_body_timeout={self.client_body_timeout}, "
+            f"upstream_ca_bundle={self.upstream_ca_bundle!r}, "
+            f"upstream_client_cert={self.upstream_client_cert!r}, "
+            f"upstream_client_key={self.upstream_client_key!r}, "
             f"redis_url={'set' if self.redis_url else 'unset'}, "
             f"redis_timeout={self.redis_timeout}, redis_failure={self.redis_failure!r}, "
             f"usage_injection={self.usage_injection}, "
@@ -339,6 +347,23 @@ def parse_redis_url(raw: object) -> str | None:
     return value
 
 
+def parse_pem_file(raw: object) -> str | None:
+    """The path of a PEM file that exists and looks like PEM; empty: none."""
+    if not isinstance(raw, str):
+        raise ValueError("must be the path of a PEM file")
+    path = raw.strip()
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 20)
+    except OSError as error:
+        raise ValueError(f"cannot be read: {path} ({error.strerror})") from None
+    if b"-----BEGIN " not in head:
+        raise ValueError(f"is not a PEM file: {path}")
+    return path
+
+
 def parse_redis_failure(raw: object) -> str:
     """`open` (requests pass while Redis fails) or `closed` (they get 503)."""
     if not isinstance(raw, str) or raw.strip().lower() not in ("open", "closed"):
@@ -467,6 +492,21 @@ SETTINGS: tuple[Setting, ...] = (
         "--client-body-timeout",
         parse_timeout,
     ),
+    Setting(
+        "upstream_ca_bundle", "LLMPROXY_UPSTREAM_CA_BUNDLE", "--upstream-ca-bundle", parse_pem_file
+    ),
+    Setting(
+        "upstream_client_cert",
+        "LLMPROXY_UPSTREAM_CLIENT_CERT",
+        "--upstream-client-cert",
+        parse_pem_file,
+    ),
+    Setting(
+        "upstream_client_key",
+        "LLMPROXY_UPSTREAM_CLIENT_KEY",
+        "--upstream-client-key",
+        parse_pem_file,
+    ),
     Setting("redis_url", "LLMPROXY_REDIS_URL", "--redis-url", parse_redis_url),
     Setting("redis_timeout", "LLMPROXY_REDIS_TIMEOUT", "--redis-timeout", parse_timeout),
     Setting("redis_failure", "LLMPROXY_REDIS_FAILURE", "--redis-failure", parse_redis_failure),
@@ -551,6 +591,16 @@ def load_configuration(
             label = file_values["upstream_headers_by_url"][0]
             raise ConfigurationError(label, f"{url!r} is not one of the upstream URLs")
     _check_keys_distinct(configuration, flags, environ, file_values)
+    try:  # built here once to validate; the proxy builds its own at start-up
+        upstream_ssl_context(
+            configuration.upstream_ca_bundle,
+            configuration.upstream_client_cert,
+            configuration.upstream_client_key,
+        )
+    except TlsFileError as error:
+        raise ConfigurationError(
+            _label_of(error.setting, flags, environ, file_values), str(error)
+        ) from None
     if (
         configuration.workers > 1
         and configuration.redis_url is None

@@ -14,6 +14,7 @@ import itertools
 import logging
 import random
 import secrets
+import ssl
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -44,6 +45,7 @@ from llmproxy.limiter import LimitRefusal, MemoryLimiter, RedisLimiter
 from llmproxy.protocol import disconnect_signal
 from llmproxy.retry import AttemptOutcome, RetryDecision, decide, next_upstream
 from llmproxy.targets import has_dot_segment, is_api_path, request_target
+from llmproxy.tls import upstream_ssl_context
 from llmproxy.upstream_client import (
     ConnectFailedError,
     ConnectionClosedError,
@@ -88,6 +90,11 @@ def create_upstream_client(configuration: Configuration) -> UpstreamClient:
     return UpstreamClient(
         connect_timeout=configuration.connect_timeout,
         read_timeout=configuration.read_timeout,  # between bytes: before headers and in the body
+        ssl_context=upstream_ssl_context(
+            configuration.upstream_ca_bundle,
+            configuration.upstream_client_cert,
+            configuration.upstream_client_key,
+        ),
     )
 
 
@@ -155,6 +162,11 @@ class Forwarder:
     @property
     def upstream_client(self) -> UpstreamClient:
         return self._client
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of `https://` upstreams (None: the system's trust store)."""
+        return self._client.ssl_context
 
     def new_request_id(self) -> str:
         """A request id for a request that came without a usable `x-request-id`."""

@@ -813,7 +813,7 @@ class UpstreamClient:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._pool = _Pool(keepalive, max_connections)
-        self._ssl_context = ssl_context
+        self.ssl_context = ssl_context
         self._closed = False
 
     async def request(
@@ -872,7 +872,7 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if origin.scheme == "https":
-                    context = self._ssl_context or default_ssl_context()
+                    context = self.ssl_context or default_ssl_context()
                     transport, connection = await loop.create_connection(
                         lambda: _Connection(self._pool, self._read_timeout),
                         origin.host,

@@ -277,7 +277,8 @@ class WebSocketRelay:
         self._format_log = (
             format_session_json if configuration.log_format == "json" else format_session_text
         )
-        self.ssl_context: ssl.SSLContext | None = None  # None: the system's trust store
+        # The upstream client's (upstream_ca_bundle, client certificate); None: the system's.
+        self.ssl_context: ssl.SSLContext | None = forwarder.ssl_context
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record = SessionRecord(scope["path"])

@@ -415,3 +415,37 @@ def test_serving_beyond_loopback_without_keys_warns_in_one_line(
         "can spend the upstream key (set LLMPROXY_ACCESS_KEYS)"
     ]
     assert warnings == (expected if warned else [])
+
+
+@pytest.mark.parametrize(
+    "variable", ["LLMPROXY_UPSTREAM_CA_BUNDLE", "LLMPROXY_UPSTREAM_CLIENT_CERT"]
+)
+def test_a_tls_file_that_is_missing_or_not_pem_stops_start_up_naming_it(
+    tmp_path: Path, variable: str
+) -> None:
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("just text\n")
+    for path, fragment in ((tmp_path / "missing.pem", "cannot be read"), (not_pem, "not a PEM")):
+        with pytest.raises(ConfigurationError) as raised:
+            load_configuration({variable: str(path)})
+        message = str(raised.value)
+        assert message.startswith(f"{variable}: ")
+        assert fragment in message
+        assert "\n" not in message
+
+
+def test_a_pem_file_of_no_certificate_stops_start_up_naming_the_bundle(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.pem"
+    fake.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ConfigurationError) as raised:
+        load_configuration({"LLMPROXY_UPSTREAM_CA_BUNDLE": str(fake)})
+    assert str(raised.value).startswith("LLMPROXY_UPSTREAM_CA_BUNDLE: ")
+
+
+def test_a_client_key_without_its_certificate_stops_start_up(tmp_path: Path) -> None:
+    key = tmp_path / "client.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(ConfigurationError) as raised:
+        load_configuration({"LLMPROXY_UPSTREAM_CLIENT_KEY": str(key)})
+    assert str(raised.value).startswith("LLMPROXY_UPSTREAM_CLIENT_KEY: ")
+    assert "upstream_client_cert" in str(raised.value)
