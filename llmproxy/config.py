@@ -19,6 +19,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from llmproxy.access import AccessKey
+from llmproxy.egress import (
+    NO_PROXY_SETTING,
+    PROXY_VARIABLES,
+    EgressProxy,
+    parse_proxy_url,
+    proxy_for,
+    proxy_variable_in_use,
+)
 from llmproxy.headers import CLIENT_SET_REQUEST_HEADERS, HOP_BY_HOP_HEADERS
 from llmproxy.keys_config import check_distinct, parse_key_tables, parse_keys_file, unnamed_keys
 from llmproxy.retry import (
@@ -86,6 +94,10 @@ class Configuration:
     # head; and the longest silence within a request body (nginx's, DESIGN §13).
     client_header_timeout: float = 60.0
     client_body_timeout: float = 60.0
+    # Egress (DESIGN §12): a proxy URL or "none" (then the environment is not read), and the
+    # proxy variables of the environment the configuration was loaded from.
+    upstream_proxy: str | None = field(default=None, repr=False)  # may hold credentials
+    proxy_environment: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # TLS towards the upstream (DESIGN §12): extra trusted CAs, a client certificate and key.
     upstream_ca_bundle: str | None = None
     upstream_client_cert: str | None = None
@@ -124,6 +136,10 @@ class Configuration:
                 seen.add(name.lower())
                 merged.append((name, value))
         return tuple(merged)
+
+    def egress_proxy(self, base_url: str) -> EgressProxy | None:
+        """The egress proxy requests to `base_url` go through, or None (DESIGN §12)."""
+        return proxy_for(base_url, dict(self.proxy_environment), self.upstream_proxy)
 
     def proxy_access_keys(self) -> tuple[AccessKey, ...]:
         """Every key a client may present to use the proxy; empty means the proxy is open.
@@ -166,6 +182,7 @@ class Configuration:
             f"log_format={self.log_format!r}, drain_timeout={self.drain_timeout}, "
             f"client_header_timeout={self.client_header_timeout}, "
             f"client_body_timeout={self.client_body_timeout}, "
+            f"upstream_proxy={'set' if self.upstream_proxy else 'unset'}, "
             f"upstream_ca_bundle={self.upstream_ca_bundle!r}, "
             f"upstream_client_cert={self.upstream_client_cert!r}, "
             f"upstream_client_key={self.upstream_client_key!r}, "
@@ -347,6 +364,19 @@ def parse_redis_url(raw: object) -> str | None:
     return value
 
 
+def parse_upstream_proxy(raw: object) -> str | None:
+    """An `http://[user:password@]host[:port]` proxy URL, or `none`; empty: the environment's."""
+    if not isinstance(raw, str):
+        raise ValueError("must be an http:// proxy URL or 'none'")
+    value = raw.strip()
+    if not value:
+        return None
+    if value.lower() == NO_PROXY_SETTING:
+        return NO_PROXY_SETTING
+    parse_proxy_url(value)  # raises ValueError with a message that never repeats the URL
+    return value
+
+
 def parse_pem_file(raw: object) -> str | None:
     """The path of a PEM file that exists and looks like PEM; empty: none."""
     if not isinstance(raw, str):
@@ -492,6 +522,7 @@ SETTINGS: tuple[Setting, ...] = (
         "--client-body-timeout",
         parse_timeout,
     ),
+    Setting("upstream_proxy", "LLMPROXY_UPSTREAM_PROXY", "--upstream-proxy", parse_upstream_proxy),
     Setting(
         "upstream_ca_bundle", "LLMPROXY_UPSTREAM_CA_BUNDLE", "--upstream-ca-bundle", parse_pem_file
     ),
@@ -578,6 +609,9 @@ def load_configuration(
             values[setting.field] = setting.parse(raw)
         except ValueError as error:
             raise ConfigurationError(label, str(error)) from None
+    values["proxy_environment"] = tuple(
+        (name, environ[name]) for name in PROXY_VARIABLES if name in environ
+    )
     configuration = Configuration(**values)
     for url in configuration.upstream_urls:
         if points_at_itself(url, configuration.host, configuration.port):
@@ -591,6 +625,17 @@ def load_configuration(
             label = file_values["upstream_headers_by_url"][0]
             raise ConfigurationError(label, f"{url!r} is not one of the upstream URLs")
     _check_keys_distinct(configuration, flags, environ, file_values)
+    for url in configuration.upstream_urls:
+        try:
+            configuration.egress_proxy(url)
+        except ValueError as error:
+            scheme = urlsplit(url).scheme
+            label = (
+                _label_of("upstream_proxy", flags, environ, file_values)
+                if configuration.upstream_proxy is not None
+                else proxy_variable_in_use(scheme, environ)
+            )
+            raise ConfigurationError(label, str(error)) from None
     try:  # built here once to validate; the proxy builds its own at start-up
         upstream_ssl_context(
             configuration.upstream_ca_bundle,

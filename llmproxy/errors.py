@@ -69,6 +69,15 @@ UPSTREAM_BAD_HANDSHAKE = ProxyError(
     "The upstream's answer to the WebSocket handshake is not valid.",
     "upstream_error",
 )
+
+
+def upstream_proxy_error(detail: str) -> ProxyError:
+    """The egress proxy refused or could not be reached; `detail` names it, never credentials."""
+    return ProxyError(
+        502, "upstream_proxy_error", f"The egress proxy failed: {detail}.", "upstream_error"
+    )
+
+
 NOT_FOUND = ProxyError(
     404,
     "not_found",

@@ -16,7 +16,7 @@ import random
 import secrets
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from starlette.types import Message, Receive, Scope, Send
@@ -50,6 +50,7 @@ from llmproxy.upstream_client import (
     ConnectFailedError,
     ConnectionClosedError,
     ConnectTimeoutError,
+    EgressProxyError,
     Origin,
     ReadTimeoutError,
     UnsendableRequestError,
@@ -139,7 +140,10 @@ class Forwarder:
     def __init__(self, configuration: Configuration, client: UpstreamClient) -> None:
         self.routes = tuple(
             Route(
-                Origin.from_url(upstream.base_url),
+                replace(
+                    Origin.from_url(upstream.base_url),
+                    via=configuration.egress_proxy(upstream.base_url),
+                ),
                 urlsplit(upstream.base_url).path.rstrip("/"),
                 wire_headers(upstream.headers),
             )
@@ -350,6 +354,17 @@ class Forwarder:
                 try:
                     record.upstream_status = response.status
                     record.stale_retries += response.stale_retries
+                    if response.status == 407 and route.origin.via is not None:
+                        # The forward proxy's own refusal, not the upstream's answer.
+                        via = route.origin.via.shown
+                        await self._refuse(
+                            send,
+                            errors.upstream_proxy_error(
+                                f"the egress proxy {via} asked for credentials (407)"
+                            ),
+                            exchange,
+                        )
+                        return
                     record.upstream_headers_ms = exchange.elapsed_ms()
                     if response.status in self._policy.retry_statuses:
                         outcome = AttemptOutcome.response(
@@ -481,6 +496,8 @@ class Forwarder:
 
 def _proxy_error_for(error: UpstreamError) -> ProxyError:
     """Which of the proxy's own errors answers an upstream failure before the response."""
+    if isinstance(error, EgressProxyError):
+        return errors.upstream_proxy_error(str(error))
     if isinstance(error, ConnectTimeoutError):
         return errors.UPSTREAM_CONNECT_TIMEOUT
     if isinstance(error, ConnectFailedError):

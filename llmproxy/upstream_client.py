@@ -34,6 +34,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from llmproxy.egress import EgressProxy
+
 # Below uvicorn's 5 s keep-alive default, the shortest idle timeout common among
 # OpenAI-compatible servers (vLLM, LiteLLM): reusing a connection the upstream is about to
 # close would fail a POST that nobody may safely retry.
@@ -111,6 +113,13 @@ class ConnectionClosedError(ResponseError):
         self.nothing_written = nothing_written
 
 
+class EgressProxyError(ConnectFailedError):
+    """The egress proxy could not be reached or refused the tunnel (DESIGN §12).
+
+    The message names the proxy's host and port, never its credentials.
+    """
+
+
 class UnsendableRequestError(UpstreamError):
     """A header or the target holds a line break, so the request cannot be written safely.
 
@@ -127,6 +136,9 @@ class Origin:
     host: str
     port: int
     host_header: str
+    # The egress proxy in between, or None (part of the pool's key: tunnels are pooled per
+    # proxy and upstream origin, like any connection).
+    via: EgressProxy | None = None
 
     @classmethod
     def from_url(cls, url: str) -> Origin:
@@ -827,7 +839,15 @@ class UpstreamClient:
         """
         if self._closed:
             raise ConnectFailedError("the upstream client is closed")
-        lines = [f"{method} {target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
+        via = origin.via
+        if via is not None and origin.scheme == "http":
+            # Through a forward proxy: the absolute form (RFC 9112 §3.2.2) and its credentials.
+            target = f"http://{origin.host_header}{target}"
+            lines = [f"{method} {target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
+            if via.authorization is not None:
+                lines.append(f"Proxy-Authorization: {via.authorization}\r\n")
+        else:
+            lines = [f"{method} {target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
         lines.extend(f"{name}: {value}\r\n" for name, value in headers)
         if body or method not in _NO_BODY_METHODS:
             lines.append(f"Content-Length: {len(body)}\r\n")
@@ -871,7 +891,9 @@ class UpstreamClient:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                if origin.scheme == "https":
+                if origin.via is not None:
+                    transport, connection = await self._connect_via(origin, origin.via, loop)
+                elif origin.scheme == "https":
                     context = self.ssl_context or default_ssl_context()
                     transport, connection = await loop.create_connection(
                         lambda: _Connection(self._pool, self._read_timeout),
@@ -891,6 +913,9 @@ class UpstreamClient:
             raise ConnectTimeoutError(
                 f"no connection to {origin.host_header} within {self._connect_timeout:g} s"
             ) from error
+        except EgressProxyError:
+            self._pool.unreserve()
+            raise
         except OSError as error:  # refused, unreachable, DNS failure, TLS failure
             self._pool.unreserve()
             raise ConnectFailedError(f"cannot connect to {origin.host_header}: {error}") from error
@@ -907,6 +932,50 @@ class UpstreamClient:
             raise ConnectFailedError(f"the connection to {origin.host_header} closed at once")
         return connection
 
+    async def _connect_via(
+        self, origin: Origin, via: EgressProxy, loop: asyncio.AbstractEventLoop
+    ) -> tuple[asyncio.BaseTransport, _Connection]:
+        """A connection through the egress proxy: to the proxy itself for an `http://` upstream
+        (requests then go in absolute form), or a `CONNECT` tunnel and TLS through it to an
+        `https://` one, verified against the upstream's name."""
+        try:
+            if origin.scheme == "http":
+                return await loop.create_connection(
+                    lambda: _Connection(self._pool, self._read_timeout), via.host, via.port
+                )
+            transport, opener = await loop.create_connection(_TunnelOpener, via.host, via.port)
+        except OSError as error:
+            raise EgressProxyError(
+                f"cannot connect to the egress proxy {via.shown}: {error.strerror or error}"
+            ) from None
+        try:
+            host = f"[{origin.host}]" if ":" in origin.host else origin.host
+            authority = f"{host}:{origin.port}"  # CONNECT's target names the port always
+            request = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+            if via.authorization is not None:
+                request += f"Proxy-Authorization: {via.authorization}\r\n"
+            transport.write((request + "\r\n").encode("latin-1"))
+            status = await opener.reply
+            if status != 200:
+                raise EgressProxyError(
+                    f"the egress proxy {via.shown} answered CONNECT {authority} with {status}"
+                )
+            connection = _Connection(self._pool, self._read_timeout)
+            context = self.ssl_context or default_ssl_context()
+            try:
+                tls = await loop.start_tls(
+                    transport, connection, context, server_hostname=origin.host
+                )
+            except (OSError, ssl.SSLError) as error:
+                raise ConnectFailedError(
+                    f"cannot connect to {origin.host_header} through {via.shown}: {error}"
+                ) from None
+            assert tls is not None
+            return tls, connection
+        except BaseException:
+            transport.abort()
+            raise
+
     def pool_counts(self) -> tuple[int, int]:
         """(connections carrying an exchange or connecting, idle connections kept alive)."""
         idle = self._pool.idle_count()
@@ -916,6 +985,30 @@ class UpstreamClient:
         """Close every connection, idle or in use."""
         self._closed = True
         self._pool.close_all()
+
+
+class _TunnelOpener(asyncio.Protocol):
+    """Reads the egress proxy's answer to `CONNECT`: its status, once the head is complete."""
+
+    def __init__(self) -> None:
+        self.reply: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._head = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.reply.done():
+            return
+        self._head += data
+        if b"\r\n\r\n" in self._head or len(self._head) > MAX_HEAD_BYTES:
+            status_line = self._head.split(b"\r\n", 1)[0].split()
+            try:
+                status = int(status_line[1]) if status_line[0].startswith(b"HTTP/") else 0
+            except (IndexError, ValueError):
+                status = 0
+            self.reply.set_result(status)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.reply.done():
+            self.reply.set_result(0)  # closed before answering: a refusal all the same
 
 
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
