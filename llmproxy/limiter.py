@@ -131,12 +131,13 @@ def decide(
         else None,
         window_state(day_tat, now, limits.tokens_per_day, DAY) if limits.tokens_per_day else None,
     )
-    if limits.tokens_per_minute and at_or_over(minute_tat, now, MINUTE):
-        wait = post_paid_retry_after(minute_tat, now, MINUTE)
-        return refusal("tokens_per_minute", limits.tokens_per_minute, wait, limits, windows), 0.0
-    if limits.tokens_per_day and at_or_over(day_tat, now, DAY):
-        wait = post_paid_retry_after(day_tat, now, DAY)
-        return refusal("tokens_per_day", limits.tokens_per_day, wait, limits, windows), 0.0
+    per_minute, per_day = limits.tokens_per_minute, limits.tokens_per_day
+    if per_minute and at_or_over(minute_tat, now, per_minute, MINUTE):
+        wait = post_paid_retry_after(minute_tat, now, per_minute, MINUTE)
+        return refusal("tokens_per_minute", per_minute, wait, limits, windows), 0.0
+    if per_day and at_or_over(day_tat, now, per_day, DAY):
+        wait = post_paid_retry_after(day_tat, now, per_day, DAY)
+        return refusal("tokens_per_day", per_day, wait, limits, windows), 0.0
     new_tat = requests_tat
     if limits.requests_per_minute:
         admitted, new_tat = admit(requests_tat, now, limits.requests_per_minute, MINUTE)
@@ -221,12 +222,14 @@ end
 local function answer(verdict)
   return {verdict, tostring(now), tostring(rtat), tostring(mtat), tostring(dtat), flight}
 end
-if tpm > 0 and mtat - now >= 60 - 1e-9 then return answer('tokens_per_minute') end
-if tpd > 0 and dtat - now >= 86400 - 1e-9 then return answer('tokens_per_day') end
+-- limits.tolerance: 1 µs plus 1e-12 of the clock, at most half a unit.
+local function slack(step) return math.min(step / 2, 1e-6 + math.abs(now) * 1e-12) end
+if tpm > 0 and mtat - now >= 60 - slack(60 / tpm) then return answer('tokens_per_minute') end
+if tpd > 0 and dtat - now >= 86400 - slack(86400 / tpd) then return answer('tokens_per_day') end
 local pushed = rtat
 if rpm > 0 then
   pushed = math.max(rtat, now) + 60 / rpm
-  if pushed - now > 60 + 1e-9 then return answer('requests_per_minute') end
+  if pushed - now > 60 + slack(60 / rpm) then return answer('requests_per_minute') end
 end
 if maxc > 0 and flight >= maxc then return answer('max_concurrent') end
 if rpm > 0 then

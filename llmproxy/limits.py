@@ -68,12 +68,28 @@ def interval(limit: int, window: float) -> float:
     return window / limit
 
 
+def tolerance(step: float, now: float) -> float:
+    """How far apart two moments may be and still count as one.
+
+    A TAT is a sum of float intervals and drifts by an ulp per addition (~1e-16 of the clock's
+    value); without a tolerance a TAT a few 1e-11 s off would make a whole unit look spent.
+    1 µs plus 1e-12 of the clock covers bursts of 10,000 units, and never more than half a
+    unit: the limit stays exact to the unit.
+    """
+    return min(step / 2, 1e-6 + abs(now) * 1e-12)
+
+
 def window_state(tat: float, now: float, limit: int, window: float) -> Window:
-    """The allowance at `now` of a limit whose theoretical arrival time is `tat`."""
+    """The allowance at `now` of a limit whose theoretical arrival time is `tat`.
+
+    `remaining` is how many `admit`s would succeed now; `retry_after_seconds` is when the next
+    one does (they share `tolerance`).
+    """
     step = interval(limit, window)
+    slack = tolerance(step, now)
     used = max(0.0, tat - now)  # seconds of allowance spent and not yet freed
-    remaining = max(0, min(limit, math.floor((window - used) / step + 1e-9)))
-    retry_after = 0.0 if remaining >= 1 else used + step - window
+    remaining = max(0, min(limit, math.floor((window - used + slack) / step)))
+    retry_after = 0.0 if remaining >= 1 else used + step - window - slack
     return Window(limit, remaining, used, max(0.0, retry_after))
 
 
@@ -82,15 +98,16 @@ def admit(tat: float, now: float, limit: int, window: float, cost: int = 1) -> t
 
     Admitted while the TAT, pushed by the cost, stays within one window of `now`.
     """
-    pushed = max(tat, now) + cost * interval(limit, window)
-    if pushed - now > window + 1e-9:
+    step = interval(limit, window)
+    pushed = max(tat, now) + cost * step
+    if pushed - now > window + tolerance(step, now):
         return False, tat
     return True, pushed
 
 
-def at_or_over(tat: float, now: float, window: float) -> bool:
+def at_or_over(tat: float, now: float, limit: int, window: float) -> bool:
     """Whether a post-paid limit (tokens) has no allowance left at `now`."""
-    return tat - now >= window - 1e-9
+    return tat - now >= window - tolerance(interval(limit, window), now)
 
 
 def charge(tat: float, now: float, limit: int, window: float, cost: int) -> float:
@@ -98,9 +115,11 @@ def charge(tat: float, now: float, limit: int, window: float, cost: int) -> floa
     return max(tat, now) + cost * interval(limit, window)
 
 
-def post_paid_retry_after(tat: float, now: float, window: float) -> float:
-    """Seconds until a post-paid limit at or over its allowance has some allowance again."""
-    return max(0.0, tat - now - window)
+def post_paid_retry_after(tat: float, now: float, limit: int, window: float) -> float:
+    """Seconds until a post-paid limit at or over its allowance has some allowance again (the
+    moment `at_or_over` turns false, give or take `tolerance`)."""
+    slack = tolerance(interval(limit, window), now)
+    return max(0.0, tat - now - window + 2 * slack)
 
 
 def retry_after_header(seconds: float) -> str:
