@@ -51,6 +51,7 @@ from llmproxy.access_log import (
     log_request,
 )
 from llmproxy.config import Configuration
+from llmproxy.egress import EgressProxy
 from llmproxy.errors import ProxyError
 from llmproxy.forwarder import Forwarder, Route, client_request_id
 from llmproxy.headers import filter_response_headers, merge_upstream_headers
@@ -185,34 +186,83 @@ class _HandshakeTimeoutError(Exception):
     """The upstream sent no handshake answer within `read_timeout`."""
 
 
+class _EgressProxyFailedError(_ConnectFailedError):
+    """The egress proxy could not be reached or refused the tunnel (names host:port only)."""
+
+
 async def _dial(origin: Origin, seconds: float) -> socket.socket:
-    """A connected non-blocking socket to the origin, trying each address in turn."""
-    loop = asyncio.get_running_loop()
+    """A connected non-blocking socket to the origin: directly, or through a `CONNECT` tunnel
+    of the egress proxy (DESIGN §12; WebSockets always tunnel, `ws://` and `wss://` alike)."""
+    via = origin.via
     try:
         async with asyncio.timeout(seconds):
-            addresses = await loop.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
-            failure: OSError = OSError(f"no address for {origin.host}")
-            for family, kind, proto, _, address in addresses:
-                sock = socket.socket(family, kind, proto)
-                sock.setblocking(False)
-                try:
-                    await loop.sock_connect(sock, address)
-                except OSError as error:
-                    sock.close()
-                    failure = error
-                    continue
-                except BaseException:
-                    sock.close()
-                    raise
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return sock
-            raise failure
+            if via is None:
+                return await _connect_socket(origin.host, origin.port)
+            try:
+                sock = await _connect_socket(via.host, via.port)
+            except OSError as error:
+                raise _EgressProxyFailedError(
+                    f"cannot connect to the egress proxy {via.shown}: {error.strerror or error}"
+                ) from None
+            try:
+                await _open_tunnel(sock, origin, via)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
     except TimeoutError:
         raise _ConnectTimeoutError(
             f"no connection to {origin.host_header} within {seconds:g} s"
         ) from None
     except OSError as error:
         raise _ConnectFailedError(f"cannot connect to {origin.host_header}: {error}") from None
+
+
+async def _connect_socket(host: str, port: int) -> socket.socket:
+    """A connected non-blocking socket, trying each address of `host` in turn."""
+    loop = asyncio.get_running_loop()
+    addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    failure: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in addresses:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except OSError as error:
+            sock.close()
+            failure = error
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise failure
+
+
+async def _open_tunnel(sock: socket.socket, origin: Origin, via: EgressProxy) -> None:
+    """Ask the egress proxy for a tunnel to the origin; raises unless it answers 200."""
+    loop = asyncio.get_running_loop()
+    host = f"[{origin.host}]" if ":" in origin.host else origin.host
+    authority = f"{host}:{origin.port}"
+    request = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+    if via.authorization is not None:
+        request += f"Proxy-Authorization: {via.authorization}\r\n"
+    await loop.sock_sendall(sock, (request + "\r\n").encode("latin-1"))
+    head = b""
+    while b"\r\n\r\n" not in head:  # the server speaks first in no WebSocket: nothing after
+        data = await loop.sock_recv(sock, 4096)
+        if not data or len(head) > 65536:
+            raise _EgressProxyFailedError(
+                f"the egress proxy {via.shown} closed the tunnel to {authority} unanswered"
+            )
+        head += data
+    status_line = head.split(b"\r\n", 1)[0].split()
+    status = status_line[1].decode("ascii", "replace") if len(status_line) > 1 else "?"
+    if status != "200":
+        raise _EgressProxyFailedError(
+            f"the egress proxy {via.shown} answered CONNECT {authority} with {status}"
+        )
 
 
 @dataclass(slots=True)
@@ -709,6 +759,8 @@ def _abort(connection: ClientConnection, sock: socket.socket) -> None:
 
 
 def _proxy_error_for(error: Exception) -> ProxyError:
+    if isinstance(error, _EgressProxyFailedError):
+        return errors.upstream_proxy_error(str(error))
     if isinstance(error, _ConnectTimeoutError):
         return errors.UPSTREAM_CONNECT_TIMEOUT
     if isinstance(error, _ConnectFailedError):
