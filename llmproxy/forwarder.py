@@ -289,6 +289,9 @@ class Forwarder:
             record.total_ms = exchange.elapsed_ms()
             if exchange.tap is not None:
                 record_usage(record, exchange.tap.usage())
+            elif exchange.usage_due and record.ending == CLIENT_DISCONNECT and record.attempts:
+                # Gone before the answer's head: the upstream may bill for what it began.
+                record_usage(record, None)
             if exchange.limited_key is not None:
                 self.release_limits(exchange.limited_key, record.request_id, record.tokens)
             log_request(record, self._format_log)
@@ -403,7 +406,12 @@ class Forwarder:
         record.status = upstream.status
         content_type = upstream.header(b"content-type") or b""
         is_sse = content_type.startswith(b"text/event-stream")
-        tap = exchange.tap = tap_for(exchange.usage_due, upstream.status, content_type)
+        tap = exchange.tap = tap_for(
+            exchange.usage_due,
+            upstream.status,
+            content_type,
+            upstream.header(b"content-encoding"),
+        )
         # An error event can end only an SSE body whose length was not announced, and only
         # such a body can take keep-alive comments (they would overrun a Content-Length).
         can_end_with_event = is_sse and upstream.header(b"content-length") is None

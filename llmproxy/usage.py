@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from typing import NamedTuple
 
 from llmproxy.access_log import (
@@ -266,7 +267,53 @@ def usage_of_payload(payload: object) -> Usage | None:
     return usage_from_object(payload.get("usage"), payload.get("model"))
 
 
-UsageTap = JsonUsageTap | SseUsageTap
+class InflatingTap:
+    """A tap of a gzip- or deflate-compressed answer: the chunks are inflated for the tap as
+    they pass (OpenAI compresses non-streamed answers for clients that accept it, and the SDK
+    sends `Accept-Encoding: gzip, deflate`); the client still gets the compressed bytes."""
+
+    __slots__ = ("_fed", "_inflated", "_inflater", "_tap")
+
+    def __init__(self, tap: JsonUsageTap | SseUsageTap) -> None:
+        self._tap = tap
+        # wbits 47: gzip or zlib, as the header says; raw deflate (what some servers send as
+        # "deflate") is tried when the first chunk is neither.
+        self._inflater: zlib._Decompress | None = zlib.decompressobj(47)
+        self._fed = False
+        self._inflated = 0
+
+    def feed(self, chunk: bytes) -> None:
+        inflater = self._inflater
+        if inflater is None:
+            return
+        try:
+            data = inflater.decompress(chunk)
+        except zlib.error:
+            if self._fed:
+                self._inflater = None  # not what it said it is: the usage stays unknown
+                return
+            self._inflater = inflater = zlib.decompressobj(-15)
+            try:
+                data = inflater.decompress(chunk)
+            except zlib.error:
+                self._inflater = None
+                return
+        self._fed = True
+        self._inflated += len(data)
+        if self._inflated > _MAX_INFLATED:
+            self._inflater = None  # a bomb, or an answer too big to follow: not read further
+            return
+        self._tap.feed(data)
+
+    def usage(self) -> Usage | None:
+        return None if self._inflater is None else self._tap.usage()
+
+
+UsageTap = JsonUsageTap | SseUsageTap | InflatingTap
+_INFLATED_ENCODINGS = frozenset({b"gzip", b"x-gzip", b"deflate"})
+# An answer that inflates beyond this is not followed further (the tap keeps only a tail, but
+# inflating costs CPU): its usage is then unknown.
+_MAX_INFLATED = 256 * 1024 * 1024
 
 
 def usage_due(method: str, raw_path: bytes) -> bool:
@@ -274,16 +321,25 @@ def usage_due(method: str, raw_path: bytes) -> bool:
     return method == "POST" and raw_path in USAGE_PATHS
 
 
-def tap_for(due: bool, status: int, content_type: bytes) -> UsageTap | None:
+def tap_for(
+    due: bool, status: int, content_type: bytes, content_encoding: bytes | None = None
+) -> UsageTap | None:
     """The tap for one answer, chosen once: None unless a successful answer reports usage."""
     if not due or not 200 <= status < 300:
         return None
     kind = content_type[:24].lower()  # media types are case-insensitive (RFC 9110 §8.3.1)
+    tap: JsonUsageTap | SseUsageTap
     if kind.startswith(b"text/event-stream"):
-        return SseUsageTap()
-    if kind.startswith(b"application/json"):
-        return JsonUsageTap()
-    return None
+        tap = SseUsageTap()
+    elif kind.startswith(b"application/json"):
+        tap = JsonUsageTap()
+    else:
+        return None
+    if content_encoding is None or content_encoding.strip().lower() == b"identity":
+        return tap
+    if content_encoding.strip().lower() in _INFLATED_ENCODINGS:
+        return InflatingTap(tap)
+    return None  # br, zstd, several codings: not read (the usage is then unknown)
 
 
 def record_usage(record: RequestRecord | SessionRecord, usage: Usage | None) -> None:
