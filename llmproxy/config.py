@@ -85,6 +85,9 @@ class Configuration:
     named_keys: tuple[AccessKey, ...] = field(default=(), repr=False)
     named_keys_from_file: tuple[AccessKey, ...] = field(default=(), repr=False)
     max_body_bytes: int = 32 * 1024 * 1024
+    # Bodies up to this are held whole (retries and failover can resend them); larger ones are
+    # streamed to the upstream as they arrive and not retried once sent (DESIGN §12).
+    request_buffer_bytes: int = 1024 * 1024
     # The largest WebSocket message either side may send (DESIGN §10); larger closes with 1009.
     max_ws_message_bytes: int = 16 * 1024 * 1024
     max_concurrent_requests: int | None = None  # per worker process; None = no cap
@@ -177,6 +180,7 @@ class Configuration:
             f"sse_keepalive={self.sse_keepalive}, "
             f"access_keys={len(self.proxy_access_keys())} configured, "
             f"max_body_bytes={self.max_body_bytes}, "
+            f"request_buffer_bytes={self.request_buffer_bytes}, "
             f"max_ws_message_bytes={self.max_ws_message_bytes}, "
             f"max_concurrent_requests={self.max_concurrent_requests}, "
             f"log_format={self.log_format!r}, drain_timeout={self.drain_timeout}, "
@@ -496,6 +500,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("named_keys", "", None, parse_key_tables),
     Setting("named_keys_from_file", "LLMPROXY_KEYS_FILE", None, parse_keys_file),
     Setting("max_body_bytes", "LLMPROXY_MAX_BODY_BYTES", "--max-body-bytes", parse_byte_count),
+    Setting(
+        "request_buffer_bytes",
+        "LLMPROXY_REQUEST_BUFFER_BYTES",
+        "--request-buffer-bytes",
+        parse_byte_count,
+    ),
     Setting(
         "max_ws_message_bytes",
         "LLMPROXY_MAX_WS_MESSAGE_BYTES",

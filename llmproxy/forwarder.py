@@ -33,6 +33,7 @@ from llmproxy.access_log import (
     format_text,
     log_request,
 )
+from llmproxy.bodies import BodyTooLargeError, ClientGoneError, StreamedBody, read_body
 from llmproxy.config import Configuration
 from llmproxy.errors import ProxyError
 from llmproxy.headers import (
@@ -154,6 +155,7 @@ class Forwarder:
         self.keys = KeyRing(configuration.proxy_access_keys())
         self._memory_limiter, self.redis_limiter = create_limiter(configuration)
         self._max_body_bytes = configuration.max_body_bytes
+        self._request_buffer_bytes = configuration.request_buffer_bytes
         self._usage_injection = configuration.usage_injection
         self._max_concurrent = configuration.max_concurrent_requests
         self._format_log = format_json if configuration.log_format == "json" else format_text
@@ -213,15 +215,18 @@ class Forwarder:
                 record.key = key.name
             else:
                 key = None
-            if _declared_length(scope["headers"]) > self._max_body_bytes:
+            declared = _declared_length(scope["headers"])
+            if declared is not None and declared > self._max_body_bytes:
                 await self._refuse(send, errors.REQUEST_TOO_LARGE, exchange)  # before reading
                 return
             if self._max_concurrent is not None and self.active_requests >= self._max_concurrent:
                 await self._refuse(send, errors.PROXY_OVERLOADED, exchange)
                 return
             try:
-                body = await _read_body(receive, self._max_body_bytes)
-            except _BodyTooLargeError:
+                body = await read_body(
+                    receive, self._max_body_bytes, self._request_buffer_bytes, declared
+                )
+            except BodyTooLargeError:
                 await self._refuse(send, errors.REQUEST_TOO_LARGE, exchange)
                 return
             if body is None:
@@ -233,12 +238,16 @@ class Forwarder:
                 else:
                     record.ending = CLIENT_DISCONNECT
                 return
-            if self._usage_injection and exchange.usage_due and raw_path in INJECTED_PATHS:
-                asking = request_with_usage(body)
-                if asking is not None:  # the opt-in that changes bytes (DESIGN §11)
-                    body = asking
-                    exchange.usage_injected = True
-            record.bytes_in = len(body)
+            streamed = isinstance(body, StreamedBody)
+            if isinstance(body, StreamedBody):
+                record.bytes_in = body.size  # so far; all of it once sent (below)
+            else:
+                if self._usage_injection and exchange.usage_due and raw_path in INJECTED_PATHS:
+                    asking = request_with_usage(body)
+                    if asking is not None:  # the opt-in that changes bytes (DESIGN §11)
+                        body = asking
+                        exchange.usage_injected = True
+                record.bytes_in = len(body)
             if key is not None and key.limits.any:
                 # The per-key limits (DESIGN §11): the gate that takes something, so the last.
                 refused = await self.check_limits(key, record.request_id)
@@ -254,7 +263,8 @@ class Forwarder:
             signal = disconnect_signal(scope)
             watcher: asyncio.Task[None] | None = None
             if signal is None:
-                watcher = asyncio.create_task(_watch_disconnect(receive, exchange))
+                if not streamed:  # (a streamed body's own reads of `receive` tell of one)
+                    watcher = asyncio.create_task(_watch_disconnect(receive, exchange))
             elif signal.gone:
                 record.ending = CLIENT_DISCONNECT
                 return
@@ -279,6 +289,15 @@ class Forwarder:
                 task.uncancel()
                 record.ending = CLIENT_DISCONNECT
             finally:
+                if isinstance(body, StreamedBody):
+                    record.bytes_in = body.size
+                    if (
+                        record.ending == CLIENT_DISCONNECT
+                        and signal is not None
+                        and signal.timed_out
+                    ):
+                        record.status = 408  # `client_body_timeout` mid-upload
+                        record.ending = CLIENT_TIMEOUT
                 self.active_requests -= 1
                 exchange.finished = True
                 if watcher is not None:
@@ -303,7 +322,7 @@ class Forwarder:
         raw_path: bytes,
         query_string: bytes,
         client_headers: list[tuple[str, str]],
-        body: bytes,
+        body: bytes | StreamedBody,
         send: Send,
         exchange: _Exchange,
     ) -> None:
@@ -340,6 +359,12 @@ class Forwarder:
             except UnsendableRequestError:
                 await self._refuse(send, errors.INVALID_HEADER, exchange)
                 return
+            except BodyTooLargeError:  # a streamed body went over the limit as it came
+                await self._refuse(send, errors.REQUEST_TOO_LARGE, exchange)
+                return
+            except ClientGoneError:  # the client left (or timed out) mid-upload
+                record.ending = CLIENT_DISCONNECT
+                return
             except UpstreamError as error:
                 record.stale_retries += error.stale_retries
                 outcome = (
@@ -348,7 +373,7 @@ class Forwarder:
                     else AttemptOutcome.failed_after_send()
                 )
                 decision = self._decide(attempt, outcome, loop_started)
-                if not decision.retry:
+                if not decision.retry or _sent_streamed(body):
                     await self._refuse(send, _proxy_error_for(error), exchange)
                     return
             else:
@@ -369,7 +394,7 @@ class Forwarder:
                         )
                         return
                     record.upstream_headers_ms = exchange.elapsed_ms()
-                    if response.status in self._policy.retry_statuses:
+                    if response.status in self._policy.retry_statuses and not _sent_streamed(body):
                         outcome = AttemptOutcome.response(
                             response.status, response.headers_as_text()
                         )
@@ -551,16 +576,17 @@ class _WithKeepalive:
             return chunk
 
 
-class _BodyTooLargeError(Exception):
-    """The request body is over the limit (raised while reading it)."""
+def _sent_streamed(body: bytes | StreamedBody) -> bool:
+    """Whether the body is streamed and its first byte has gone: it cannot be sent again."""
+    return isinstance(body, StreamedBody) and body.started
 
 
-def _declared_length(headers: list[tuple[bytes, bytes]]) -> int:
-    """The request's Content-Length (the server has already rejected malformed ones), or 0."""
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The request's Content-Length (the server has already rejected malformed ones)."""
     for name, value in headers:
         if name == b"content-length":
             return int(value)
-    return 0
+    return None
 
 
 def client_request_id(client_headers: list[tuple[str, str]]) -> str | None:
@@ -569,36 +595,6 @@ def client_request_id(client_headers: list[tuple[str, str]]) -> str | None:
         if name == "x-request-id":
             return usable_request_id(value)
     return None
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or None if the client disconnected first.
-
-    The limit also covers chunked bodies, whose size nobody declared.
-    """
-    message = await receive()
-    if message["type"] == "http.disconnect":
-        return None
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body", False):
-        if len(body) > limit:
-            raise _BodyTooLargeError
-        return body
-    parts = [body]
-    size = len(body)
-    while True:
-        if size > limit:
-            raise _BodyTooLargeError
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        part = message.get("body", b"")
-        parts.append(part)
-        size += len(part)
-        if not message.get("more_body", False):
-            if size > limit:
-                raise _BodyTooLargeError
-            return b"".join(parts)
 
 
 async def _watch_disconnect(receive: Receive, exchange: _Exchange) -> None:

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from llmproxy.bodies import StreamedBody
 from llmproxy.egress import EgressProxy
 
 # Below uvicorn's 5 s keep-alive default, the shortest idle timeout common among
@@ -230,6 +231,7 @@ class _Connection(asyncio.Protocol):
         # above the high mark (`pause_writing`), their count at the last check of the timer, and
         # an answered exchange waiting for its request to be written out before reuse.
         self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None  # a streamed body waits here
         self._unsent = 0
         self._release_when_written: asyncio.TimerHandle | None = None
         self._reset_exchange()
@@ -251,6 +253,7 @@ class _Connection(asyncio.Protocol):
         self._tail_bytes = 0  # bytes read since the last body data: chunk lines and trailers
         self._trailer_bytes = 0
         self._nothing_written = False  # the request's first write failed: no byte left
+        self._body_unfinished = False  # answered before a streamed body was sent whole
         self._paused = False
         self._in_exchange = False
         self._last_data = 0.0
@@ -269,6 +272,9 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         # The low mark is 0: the request has been written whole.
         self._write_paused = False
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
         if self._in_exchange:
             self._last_data = self._loop.time()  # the wait for the answer starts now
         elif self._release_when_written is not None:
@@ -322,6 +328,9 @@ class _Connection(asyncio.Protocol):
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)  # the pump then finds the connection closed
         self.closed = True
         self._pool.forget(self)
         self._cancel_timer()
@@ -449,6 +458,61 @@ class _Connection(asyncio.Protocol):
         finally:
             self._head_waiter = None
 
+    async def send_streamed(self, head: bytes, body: StreamedBody) -> UpstreamResponse:
+        """Write the head, then the body as the client sends it; the response's head.
+
+        The body is pumped by a task of its own, so an answer that comes first (an early 413)
+        is returned at once: the rest of the body is not sent, and the connection is closed
+        when the exchange ends.
+        """
+        assert self._transport is not None
+        self._reset_exchange()
+        self._in_exchange = True
+        waiter: asyncio.Future[UpstreamResponse] = self._loop.create_future()
+        self._head_waiter = waiter
+        self._transport.write(head)
+        self._nothing_written = self._transport.is_closing()
+        pump = self._loop.create_task(self._pump(body))
+        try:
+            await asyncio.wait((waiter, pump), return_when=asyncio.FIRST_COMPLETED)
+            if not pump.done():  # answered before the body was whole
+                self._body_unfinished = True
+                pump.cancel()
+                return waiter.result()
+            pump.result()  # the client's failures (gone, over the limit) raise here
+            if self._write_paused:
+                self._unsent = self._transport.get_write_buffer_size()
+            self._last_data = self._loop.time()  # the wait for the answer starts now
+            self._arm_timer()
+            return await waiter
+        except BaseException:
+            pump.cancel()
+            self.abort()
+            raise
+        finally:
+            self._head_waiter = None
+
+    async def _pump(self, body: StreamedBody) -> None:
+        transport = self._transport
+        assert transport is not None
+        chunked = body.length is None
+        async for part in body:
+            if self.closed:
+                raise ConnectionClosedError(
+                    "the upstream closed the connection during the request body",
+                    reused=False,
+                    nothing_written=False,
+                )
+            transport.write(b"%x\r\n%b\r\n" % (len(part), part) if chunked else part)
+            if self._write_paused:  # the upstream reads slower: so does the client
+                drain = self._drain_waiter = self._loop.create_future()
+                try:
+                    await drain
+                finally:
+                    self._drain_waiter = None
+        if chunked:
+            transport.write(b"0\r\n\r\n")
+
     async def read_chunk(self) -> bytes:
         while True:
             if self._chunks:
@@ -477,6 +541,7 @@ class _Connection(asyncio.Protocol):
         reusable = (
             self._complete
             and self._error is None
+            and not self._body_unfinished
             and not self._head_only
             and not self._ends_at_eof
             and not self.closed
@@ -829,7 +894,12 @@ class UpstreamClient:
         self._closed = False
 
     async def request(
-        self, origin: Origin, method: str, target: str, headers: list[tuple[str, str]], body: bytes
+        self,
+        origin: Origin,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes | StreamedBody,
     ) -> UpstreamResponse:
         """Send one request and return once the response's head has arrived.
 
@@ -849,7 +919,13 @@ class UpstreamClient:
         else:
             lines = [f"{method} {target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
         lines.extend(f"{name}: {value}\r\n" for name, value in headers)
-        if body or method not in _NO_BODY_METHODS:
+        if isinstance(body, StreamedBody):
+            lines.append(
+                "Transfer-Encoding: chunked\r\n"
+                if body.length is None
+                else f"Content-Length: {body.length}\r\n"
+            )
+        elif body or method not in _NO_BODY_METHODS:
             lines.append(f"Content-Length: {len(body)}\r\n")
         lines.append("\r\n")
         text = "".join(lines)
@@ -864,6 +940,11 @@ class UpstreamClient:
             raise UnsendableRequestError(
                 "a request header holds a character above U+00FF"
             ) from None
+        if isinstance(body, StreamedBody):
+            # A new connection: a reused one may be closing, and this body cannot be sent
+            # twice; one connect per large upload costs nothing next to the upload.
+            fresh = await self._connect(origin, fresh=True)
+            return await fresh.send_streamed(head, body)
         connection = self._pool.take_idle(origin, time.monotonic())
         if connection is None:
             connection = await self._connect(origin)
