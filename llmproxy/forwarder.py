@@ -123,6 +123,7 @@ class _Exchange:
     task: asyncio.Task[None] | None = None  # the forwarding task, cancelled if the client goes
     tap: UsageTap | None = None  # reads the answer's token usage, when one is due
     limited_key: AccessKey | None = None  # holds a slot of its key's limits until released
+    limit_slot: str = ""  # the slot's own id: never the client's x-request-id, which repeats
     usage_injected: bool = False  # the proxy asked for the usage: its chunk is removed
 
     def elapsed_ms(self) -> float:
@@ -250,7 +251,8 @@ class Forwarder:
                 record.bytes_in = len(body)
             if key is not None and key.limits.any:
                 # The per-key limits (DESIGN §11): the gate that takes something, so the last.
-                refused = await self.check_limits(key, record.request_id)
+                exchange.limit_slot = self.new_request_id()
+                refused = await self.check_limits(key, exchange.limit_slot)
                 if refused is not None:
                     await self._refuse_over_limit(send, refused, exchange)
                     return
@@ -312,7 +314,7 @@ class Forwarder:
                 # Gone before the answer's head: the upstream may bill for what it began.
                 record_usage(record, None)
             if exchange.limited_key is not None:
-                self.release_limits(exchange.limited_key, record.request_id, record.tokens)
+                self.release_limits(exchange.limited_key, exchange.limit_slot, record.tokens)
             log_request(record, self._format_log)
             metrics.observe(record)
 
@@ -487,28 +489,28 @@ class Forwarder:
         exchange.finished = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def check_limits(
-        self, key: AccessKey, request_id: str
-    ) -> LimitRefusal | ProxyError | None:
-        """Whether a request of `key` may go (its slot then taken); the refusal if not.
+    async def check_limits(self, key: AccessKey, slot: str) -> LimitRefusal | ProxyError | None:
+        """Whether a request of `key` may go (its concurrency slot `slot` then taken); the
+        refusal if not. `slot` must be unique (`new_request_id()`): a client's own
+        x-request-id may repeat, and two requests in one slot would count once.
 
         Only the Redis store awaits: the in-process one answers at once.
         """
         memory = self._memory_limiter
         if memory is not None:
-            return memory.check(key, request_id)
+            return memory.check(key, slot)
         assert self.redis_limiter is not None
-        return await self.redis_limiter.check(key, request_id)
+        return await self.redis_limiter.check(key, slot)
 
     def release_limits(
-        self, key: AccessKey, request_id: str, tokens: tuple[str | None, int, int, int, int] | None
+        self, key: AccessKey, slot: str, tokens: tuple[str | None, int, int, int, int] | None
     ) -> None:
         """Give back the key's concurrency slot and pay the tokens the answer reported."""
         used = tokens[1] + tokens[2] if tokens is not None else 0  # input + output
         if self._memory_limiter is not None:
-            self._memory_limiter.release(key, request_id, used)
+            self._memory_limiter.release(key, slot, used)
         elif self.redis_limiter is not None:
-            self.redis_limiter.release(key, request_id, used)
+            self.redis_limiter.release(key, slot, used)
 
     async def _refuse_over_limit(
         self, send: Send, refused: LimitRefusal | ProxyError, exchange: _Exchange

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +110,7 @@ class _Connection(asyncio.Protocol):
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._buffer = b""
         self.closed = False
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -141,6 +143,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(RedisError(f"the connection to Redis was lost ({exc or 'closed'})"))
+        if not self.lost.done():
+            self.lost.set_result(None)
 
     def _fail(self, error: RedisError) -> None:
         self.closed = True
@@ -212,7 +216,12 @@ class RedisClient:
         return connection
 
     async def close(self) -> None:
+        """Close the connection and wait (briefly) until it is gone: the loop may end next."""
         if self._connecting is not None and not self._connecting.done():
             self._connecting.cancel()
-        if self._connection is not None and self._connection.transport is not None:
-            self._connection.transport.close()
+        connection = self._connection
+        if connection is not None and connection.transport is not None:
+            connection.transport.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await asyncio.shield(connection.lost)

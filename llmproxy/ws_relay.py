@@ -384,7 +384,8 @@ class WebSocketRelay:
             return
         limited = key if key is not None and key.limits.any else None
         if limited is not None:
-            refused = await forwarder.check_limits(limited, request_id)
+            slot = forwarder.new_request_id()  # unique, whatever x-request-id the client sent
+            refused = await forwarder.check_limits(limited, slot)
             if refused is not None:
                 await upgrade.refuse_over_limit(refused)
                 return
@@ -424,7 +425,7 @@ class WebSocketRelay:
                 if usage is not None or tap.responses:
                     record_usage(record, usage)
             if limited is not None:
-                forwarder.release_limits(limited, request_id, record.tokens)
+                forwarder.release_limits(limited, slot, record.tokens)
 
     # -- the handshake ----------------------------------------------------------------------
     async def _open(
