@@ -41,7 +41,7 @@ from llmproxy.limits import (
     retry_after_header,
     window_state,
 )
-from llmproxy.redis_client import RedisClient
+from llmproxy.redis_client import RedisClient, RedisError, encode_bulk, encode_command
 
 logger = logging.getLogger("llmproxy")
 
@@ -267,27 +267,24 @@ class RedisLimiter:
         self._redis = RedisClient(url)
         self._timeout = timeout
         self._fail_closed = fail_closed
+        self._check_commands: dict[str, tuple[bytes, bytes]] = {}
         self._warned_at = -_WARNING_INTERVAL
         self._releases: set[asyncio.Task[None]] = set()
 
     async def check(self, key: AccessKey, request_id: str) -> LimitRefusal | ProxyError | None:
         limits = key.limits
-        names = _redis_keys(key.name)
         try:
             async with asyncio.timeout(self._timeout):
-                answer: list[Any] = await self._redis.evalsha(
-                    _CHECK_SHA,
-                    _CHECK_SCRIPT,
-                    names,
-                    [
-                        limits.requests_per_minute or 0,
-                        limits.tokens_per_minute or 0,
-                        limits.tokens_per_day or 0,
-                        limits.max_concurrent or 0,
-                        request_id,
-                        CONCURRENCY_LEASE_SECONDS,
-                    ],
-                )
+                # The command is the same for every request of a key but the slot id: its
+                # encoding is made once per key (it is most of the Python work of a call).
+                before, after = self._check_commands.get(key.name) or self._check_command(key)
+                answer: Any = await self._redis.call(before + encode_bulk(request_id) + after)
+                if isinstance(answer, RedisError) and str(answer).startswith("NOSCRIPT"):
+                    answer = await self._redis.evalsha(
+                        _CHECK_SHA, _CHECK_SCRIPT, *self._check_arguments(key, request_id)
+                    )
+                if isinstance(answer, RedisError):
+                    raise answer
         except Exception as error:  # timeouts, connection errors, a Redis that is not Redis
             self._failed(error)
             return LIMITER_UNAVAILABLE if self._fail_closed else None
@@ -301,6 +298,28 @@ class RedisLimiter:
             value = getattr(limits, verdict)
             return refusal(verdict, value, 1.0, limits, _Windows())
         return refused
+
+    def _check_arguments(
+        self, key: AccessKey, slot: str
+    ) -> tuple[list[str], list[str | int | float]]:
+        limits = key.limits
+        return _redis_keys(key.name), [
+            limits.requests_per_minute or 0,
+            limits.tokens_per_minute or 0,
+            limits.tokens_per_day or 0,
+            limits.max_concurrent or 0,
+            slot,
+            CONCURRENCY_LEASE_SECONDS,
+        ]
+
+    def _check_command(self, key: AccessKey) -> tuple[bytes, bytes]:
+        """`EVALSHA` of the check script for `key`, split where the slot id goes."""
+        marker = "\x00slot\x00"
+        keys, arguments = self._check_arguments(key, marker)
+        command = encode_command("EVALSHA", _CHECK_SHA, len(keys), *keys, *arguments)
+        before, after = command.split(encode_bulk(marker))
+        self._check_commands[key.name] = (before, after)
+        return before, after
 
     def release(self, key: AccessKey, request_id: str, tokens: int) -> None:
         """Give the slot back and pay the tokens, in a task of its own: the answer is over.

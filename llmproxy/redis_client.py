@@ -60,11 +60,13 @@ class RedisAddress:
 
 def encode_command(*args: bytes | str | int | float) -> bytes:
     """A command as RESP: an array of bulk strings."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(out)
+    return b"*%d\r\n" % len(args) + b"".join(encode_bulk(arg) for arg in args)
+
+
+def encode_bulk(arg: bytes | str | int | float) -> bytes:
+    """One argument as a RESP bulk string."""
+    data = arg if isinstance(arg, bytes) else str(arg).encode()
+    return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
 class _IncompleteReplyError(Exception):
@@ -164,6 +166,11 @@ class RedisClient:
         self._connection: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
 
+    async def call(self, command: bytes) -> Any:
+        """The reply to one encoded command; an error reply is returned as a RedisError."""
+        connection = await self._ready()
+        return await connection.call(command)
+
     async def evalsha(
         self, sha: str, script: str, keys: list[str], args: list[str | int | float]
     ) -> Any:
@@ -183,9 +190,7 @@ class RedisClient:
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.get_running_loop().create_task(self._connect())
         # Shielded: a call that times out must not cancel the connecting others wait for.
-        connection = await asyncio.shield(self._connecting)
-        self._connection = connection
-        return connection
+        return await asyncio.shield(self._connecting)
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -213,6 +218,9 @@ class RedisClient:
             if isinstance(answer, RedisError):
                 connection._fail(answer)
                 raise RedisError(f"Redis refused the login or the database: {answer}")
+        # Set here, not by whoever awaited: a call arriving between this task's end and its
+        # awaiters' turns would otherwise find no connection and open a second one.
+        self._connection = connection
         return connection
 
     async def close(self) -> None:
