@@ -128,14 +128,16 @@ def retry_after_header(seconds: float) -> str:
 
 
 def reset_header(seconds: float) -> str:
-    """OpenAI's `x-ratelimit-reset-*` format: `6m0s`, `1.5s`, `20ms`."""
+    """OpenAI's `x-ratelimit-reset-*` format (Go's durations): `20ms`, `1.5s`, `6m0s`, `1h2m3s`.
+
+    Rounded up (a client waiting that long finds the allowance back), in milliseconds under a
+    minute and whole seconds above; never `60s` nor `1m60s`.
+    """
     if seconds < 1:
-        return f"{max(0, math.ceil(seconds * 1000))}ms"
-    whole_minutes, rest = divmod(seconds, 60)
-    if whole_minutes >= 60:
-        hours, minutes = divmod(int(whole_minutes), 60)
-        return f"{hours}h{minutes}m{math.ceil(rest)}s"
-    if whole_minutes:
-        return f"{int(whole_minutes)}m{math.ceil(rest)}s"
-    text = f"{rest:.3f}".rstrip("0").rstrip(".")
-    return f"{text}s"
+        return f"{max(0, math.ceil(seconds * 1000 - 1e-6))}ms"
+    milliseconds = math.ceil(seconds * 1000 - 1e-6)
+    if milliseconds < 60_000:
+        return f"{milliseconds / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    hours, rest = divmod(math.ceil(milliseconds / 1000 - 1e-9), 3600)
+    minutes, whole_seconds = divmod(rest, 60)
+    return f"{hours}h{minutes}m{whole_seconds}s" if hours else f"{minutes}m{whole_seconds}s"

@@ -217,15 +217,20 @@ class SseUsageTap:
 
     def feed(self, chunk: bytes) -> None:
         data = self._partial + chunk if self._partial else chunk
-        end = max(data.rfind(b"\n\n"), data.rfind(b"\n\r\n"))
-        if end == -1:
+        # The last event boundary (WHATWG HTML §9.2.5: a blank line after LF, CRLF or CR
+        # line ends), looked for in the order streams use them: one search for most.
+        if b"\r" in data:  # CRLF or CR line ends (rare): the careful way
+            cut = _last_boundary(data)
+        else:
+            end = data.rfind(b"\n\n")
+            cut = end + 2 if end != -1 else -1
+        if cut == -1:
             self._hold(data)
             return
-        cut = end + (2 if data[end + 1 : end + 2] == b"\n" else 3)
         complete = data[:cut]
         self._hold(data[cut:])
         if b'"usage"' in complete and _USAGE_OBJECT.search(complete):
-            for event in re.split(rb"\r?\n\r?\n", complete):
+            for event in _EVENT_BOUNDARY.split(complete):
                 if _USAGE_OBJECT.search(event):
                     found = _usage_of_event(event)
                     if found is not None:
@@ -243,8 +248,19 @@ class SseUsageTap:
         return self._usage
 
 
+_EVENT_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r|\r\n\r(?!\n)|\n\r\n|\r\n\n|\r\r\n")
+
+
+def _last_boundary(data: bytes) -> int:
+    """The index after the last blank line of `data`, whatever its line ends, or -1."""
+    last = -1
+    for match in _EVENT_BOUNDARY.finditer(data):
+        last = match.end()
+    return last
+
+
 def _usage_of_event(event: bytes) -> Usage | None:
-    lines = [line[5:] for line in re.split(rb"\r?\n", event) if line.startswith(b"data:")]
+    lines = [line[5:] for line in re.split(rb"\r\n|\n|\r", event) if line.startswith(b"data:")]
     data = b"\n".join(line[1:] if line.startswith(b" ") else line for line in lines)
     try:
         payload = json.loads(data)
