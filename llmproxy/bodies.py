@@ -26,11 +26,20 @@ class ClientGoneError(Exception):
 class StreamedBody:
     """A request body too large to hold: the parts read so far, then the rest as it comes."""
 
-    __slots__ = ("_limit", "_parts", "_receive", "_size", "length", "started")
+    __slots__ = ("_complete", "_limit", "_parts", "_receive", "_size", "length", "started")
 
     def __init__(
-        self, parts: list[bytes], receive: Receive, limit: int, length: int | None
+        self,
+        parts: list[bytes],
+        receive: Receive,
+        limit: int,
+        length: int | None,
+        complete: bool = False,
     ) -> None:
+        # `complete`: every part is here already (a chunked body whose last part crossed the
+        # buffer): sent as one, and like any streamed body, not retried, so the rule has no
+        # exception (bodies over request_buffer_bytes are never sent twice).
+        self._complete = complete
         self._parts = parts
         self._receive = receive
         self._limit = limit
@@ -48,7 +57,7 @@ class StreamedBody:
         parts, self._parts = self._parts, []
         for held in parts:
             yield held
-        while True:
+        while not self._complete:
             message = await self._receive()
             if message["type"] == "http.disconnect":
                 raise ClientGoneError
@@ -94,4 +103,6 @@ async def read_body(
         if not message.get("more_body", False):
             if size > limit:
                 raise BodyTooLargeError
+            if size > buffer_bytes:  # whole already, but over the buffer: streamed all the same
+                return StreamedBody(parts, receive, limit, declared, complete=True)
             return b"".join(parts)

@@ -487,6 +487,8 @@ class _Connection(asyncio.Protocol):
             return await waiter
         except BaseException:
             pump.cancel()
+            if not waiter.done():
+                waiter.cancel()  # nobody will wait for the head now: abort must not fail it
             self.abort()
             raise
         finally:
@@ -507,7 +509,14 @@ class _Connection(asyncio.Protocol):
             if self._write_paused:  # the upstream reads slower: so does the client
                 drain = self._drain_waiter = self._loop.create_future()
                 try:
-                    await drain
+                    # An upstream that takes no byte for the read timeout is as silent as one
+                    # that sends none (the read timer starts only once the body is sent).
+                    async with asyncio.timeout(self._read_timeout):
+                        await drain
+                except TimeoutError:
+                    raise ReadTimeoutError(
+                        f"the upstream took no request body bytes for {self._read_timeout:g} s"
+                    ) from None
                 finally:
                     self._drain_waiter = None
         if chunked:
@@ -991,6 +1000,11 @@ class UpstreamClient:
                     )
         except TimeoutError as error:
             self._pool.unreserve()
+            if origin.via is not None:
+                raise EgressProxyError(
+                    f"no tunnel from the egress proxy {origin.via.shown} to "
+                    f"{origin.host_header} within {self._connect_timeout:g} s"
+                ) from error
             raise ConnectTimeoutError(
                 f"no connection to {origin.host_header} within {self._connect_timeout:g} s"
             ) from error

@@ -211,6 +211,11 @@ async def _dial(origin: Origin, seconds: float) -> socket.socket:
                 raise
             return sock
     except TimeoutError:
+        if via is not None:
+            raise _EgressProxyFailedError(
+                f"no tunnel from the egress proxy {via.shown} to {origin.host_header} "
+                f"within {seconds:g} s"
+            ) from None
         raise _ConnectTimeoutError(
             f"no connection to {origin.host_header} within {seconds:g} s"
         ) from None
