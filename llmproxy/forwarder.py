@@ -376,7 +376,7 @@ class Forwarder:
                 )
                 decision = self._decide(attempt, outcome, loop_started)
                 if not decision.retry or _sent_streamed(body):
-                    await self._refuse(send, _proxy_error_for(error), exchange)
+                    await self._refuse(send, proxy_error_for(error), exchange)
                     return
             else:
                 # Closed in this one block, so a cancellation (client gone) or an error below
@@ -529,7 +529,7 @@ class Forwarder:
         await send_proxy_error(send, error, exchange.request_id_header)
 
 
-def _proxy_error_for(error: UpstreamError) -> ProxyError:
+def proxy_error_for(error: UpstreamError) -> ProxyError:
     """Which of the proxy's own errors answers an upstream failure before the response."""
     if isinstance(error, EgressProxyError):
         return errors.upstream_proxy_error(str(error))

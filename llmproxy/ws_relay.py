@@ -53,12 +53,19 @@ from llmproxy.access_log import (
 from llmproxy.config import Configuration
 from llmproxy.egress import EgressProxy
 from llmproxy.errors import ProxyError
-from llmproxy.forwarder import Forwarder, Route, client_request_id
+from llmproxy.forwarder import Forwarder, Route, client_request_id, proxy_error_for
 from llmproxy.headers import filter_response_headers, merge_upstream_headers
 from llmproxy.limiter import LimitRefusal
 from llmproxy.retry import AttemptOutcome, RetryDecision, decide, next_upstream
 from llmproxy.targets import has_dot_segment, is_api_path, request_target
-from llmproxy.upstream_client import Origin, default_ssl_context
+from llmproxy.upstream_client import (
+    ConnectFailedError,
+    ConnectTimeoutError,
+    EgressProxyError,
+    Origin,
+    UpstreamError,
+    default_ssl_context,
+)
 from llmproxy.usage import RealtimeUsageTap, record_usage
 from llmproxy.websocket_protocol import (
     CONNECTION_LOST,
@@ -174,20 +181,8 @@ class _UnsendableHandshakeError(Exception):
     """The handshake request cannot be written safely (see `UnsendableRequestError`)."""
 
 
-class _ConnectFailedError(Exception):
-    """No TCP connection to the upstream (refused, unreachable, DNS)."""
-
-
-class _ConnectTimeoutError(_ConnectFailedError):
-    """No TCP connection to the upstream within `connect_timeout`."""
-
-
 class _HandshakeTimeoutError(Exception):
     """The upstream sent no handshake answer within `read_timeout`."""
-
-
-class _EgressProxyFailedError(_ConnectFailedError):
-    """The egress proxy could not be reached or refused the tunnel (names host:port only)."""
 
 
 async def _dial(origin: Origin, seconds: float) -> socket.socket:
@@ -201,7 +196,7 @@ async def _dial(origin: Origin, seconds: float) -> socket.socket:
             try:
                 sock = await _connect_socket(via.host, via.port)
             except OSError as error:
-                raise _EgressProxyFailedError(
+                raise EgressProxyError(
                     f"cannot connect to the egress proxy {via.shown}: {error.strerror or error}"
                 ) from None
             try:
@@ -212,15 +207,15 @@ async def _dial(origin: Origin, seconds: float) -> socket.socket:
             return sock
     except TimeoutError:
         if via is not None:
-            raise _EgressProxyFailedError(
+            raise EgressProxyError(
                 f"no tunnel from the egress proxy {via.shown} to {origin.host_header} "
                 f"within {seconds:g} s"
             ) from None
-        raise _ConnectTimeoutError(
+        raise ConnectTimeoutError(
             f"no connection to {origin.host_header} within {seconds:g} s"
         ) from None
     except OSError as error:
-        raise _ConnectFailedError(f"cannot connect to {origin.host_header}: {error}") from None
+        raise ConnectFailedError(f"cannot connect to {origin.host_header}: {error}") from None
 
 
 async def _connect_socket(host: str, port: int) -> socket.socket:
@@ -258,14 +253,14 @@ async def _open_tunnel(sock: socket.socket, origin: Origin, via: EgressProxy) ->
     while b"\r\n\r\n" not in head:  # the server speaks first in no WebSocket: nothing after
         data = await loop.sock_recv(sock, 4096)
         if not data or len(head) > 65536:
-            raise _EgressProxyFailedError(
+            raise EgressProxyError(
                 f"the egress proxy {via.shown} closed the tunnel to {authority} unanswered"
             )
         head += data
     status_line = head.split(b"\r\n", 1)[0].split()
     status = status_line[1].decode("ascii", "replace") if len(status_line) > 1 else "?"
     if status != "200":
-        raise _EgressProxyFailedError(
+        raise EgressProxyError(
             f"the egress proxy {via.shown} answered CONNECT {authority} with {status}"
         )
 
@@ -471,10 +466,10 @@ class WebSocketRelay:
             except _UnsendableHandshakeError:
                 await upgrade.refuse(errors.INVALID_HEADER)
                 return None
-            except (_ConnectFailedError, _HandshakeTimeoutError, InvalidHandshake) as error:
+            except (ConnectFailedError, _HandshakeTimeoutError, InvalidHandshake) as error:
                 outcome = (
                     AttemptOutcome.connect_failed()
-                    if isinstance(error, _ConnectFailedError)
+                    if isinstance(error, ConnectFailedError)
                     else AttemptOutcome.failed_after_send()
                 )
                 decision = self._decide(attempt, outcome, loop_started)
@@ -521,7 +516,7 @@ class WebSocketRelay:
             ) from None
         except OSError as error:  # TLS failures, resets while connecting
             _abort(connection, sock)
-            raise _ConnectFailedError(f"cannot connect to {origin.host_header}: {error}") from None
+            raise ConnectFailedError(f"cannot connect to {origin.host_header}: {error}") from None
         except BaseException:
             _abort(connection, sock)
             raise
@@ -765,12 +760,9 @@ def _abort(connection: ClientConnection, sock: socket.socket) -> None:
 
 
 def _proxy_error_for(error: Exception) -> ProxyError:
-    if isinstance(error, _EgressProxyFailedError):
-        return errors.upstream_proxy_error(str(error))
-    if isinstance(error, _ConnectTimeoutError):
-        return errors.UPSTREAM_CONNECT_TIMEOUT
-    if isinstance(error, _ConnectFailedError):
-        return errors.UPSTREAM_UNREACHABLE
+    """The refusal for a failed upstream handshake: connecting fails as for HTTP."""
+    if isinstance(error, UpstreamError):
+        return proxy_error_for(error)
     if isinstance(error, _HandshakeTimeoutError):
         return errors.UPSTREAM_HANDSHAKE_TIMEOUT
     return errors.UPSTREAM_BAD_HANDSHAKE
