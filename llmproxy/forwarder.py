@@ -384,8 +384,13 @@ class Forwarder:
                 try:
                     record.upstream_status = response.status
                     record.stale_retries += response.stale_retries
-                    if response.status == 407 and route.origin.via is not None:
-                        # The forward proxy's own refusal, not the upstream's answer.
+                    if (
+                        response.status == 407
+                        and route.origin.via is not None
+                        and route.origin.scheme == "http"
+                    ):
+                        # The forward proxy's own refusal, not the upstream's answer (in a
+                        # CONNECT tunnel, TLS end to end, only the upstream can answer).
                         via = route.origin.via.shown
                         await self._refuse(
                             send,

@@ -288,44 +288,64 @@ class InflatingTap:
     they pass (OpenAI compresses non-streamed answers for clients that accept it, and the SDK
     sends `Accept-Encoding: gzip, deflate`); the client still gets the compressed bytes."""
 
-    __slots__ = ("_fed", "_inflated", "_inflater", "_tap")
+    __slots__ = ("_head", "_inflated", "_inflater", "_readable", "_tap")
 
     def __init__(self, tap: JsonUsageTap | SseUsageTap) -> None:
         self._tap = tap
-        # wbits 47: gzip or zlib, as the header says; raw deflate (what some servers send as
-        # "deflate") is tried when the first chunk is neither.
-        self._inflater: zlib._Decompress | None = zlib.decompressobj(47)
-        self._fed = False
+        self._head = b""  # the first bytes, until they tell gzip, zlib or raw deflate apart
+        self._inflater: zlib._Decompress | None = None
+        self._readable = True
         self._inflated = 0
 
     def feed(self, chunk: bytes) -> None:
+        if not self._readable:
+            return
         inflater = self._inflater
         if inflater is None:
-            return
+            self._head += chunk
+            if len(self._head) < 2:
+                return
+            inflater = self._inflater = zlib.decompressobj(_window_bits(self._head))
+            chunk, self._head = self._head, b""
         try:
             data = inflater.decompress(chunk)
         except zlib.error:
-            if self._fed:
-                self._inflater = None  # not what it said it is: the usage stays unknown
-                return
-            self._inflater = inflater = zlib.decompressobj(-15)
-            try:
-                data = inflater.decompress(chunk)
-            except zlib.error:
-                self._inflater = None
-                return
-        self._fed = True
+            self._readable = False  # not what it said it is: the usage stays unknown
+            return
         self._inflated += len(data)
         if self._inflated > _MAX_INFLATED:
-            self._inflater = None  # a bomb, or an answer too big to follow: not read further
+            self._readable = False  # a bomb, or an answer too big to follow: not read further
             return
         self._tap.feed(data)
 
     def usage(self) -> Usage | None:
-        return None if self._inflater is None else self._tap.usage()
+        return self._tap.usage() if self._readable else None
 
 
-UsageTap = JsonUsageTap | SseUsageTap | InflatingTap
+def _window_bits(head: bytes) -> int:
+    """zlib's `wbits` for a stream that starts with `head`: gzip (RFC 1952), zlib (RFC 1950,
+    what "deflate" means), or raw deflate (what some servers send as "deflate")."""
+    if head[:2] == b"\x1f\x8b":
+        return 31
+    if head[0] & 0x0F == 8 and (head[0] << 8 | head[1]) % 31 == 0:
+        return 15
+    return -15
+
+
+class UnreadableTap:
+    """An answer whose usage is due but cannot be read (a coding such as br or zstd, or
+    several): its usage is unknown, and says so."""
+
+    __slots__ = ()
+
+    def feed(self, chunk: bytes) -> None:
+        pass
+
+    def usage(self) -> Usage | None:
+        return None
+
+
+UsageTap = JsonUsageTap | SseUsageTap | InflatingTap | UnreadableTap
 _INFLATED_ENCODINGS = frozenset({b"gzip", b"x-gzip", b"deflate"})
 # An answer that inflates beyond this is not followed further (the tap keeps only a tail, but
 # inflating costs CPU): its usage is then unknown.
@@ -355,7 +375,7 @@ def tap_for(
         return tap
     if content_encoding.strip().lower() in _INFLATED_ENCODINGS:
         return InflatingTap(tap)
-    return None  # br, zstd, several codings: not read (the usage is then unknown)
+    return UnreadableTap()  # br, zstd, several codings: not read (the usage is unknown)
 
 
 def record_usage(record: RequestRecord | SessionRecord, usage: Usage | None) -> None:
