@@ -106,10 +106,12 @@ def upload_head(*, length: int | None, request_id: str, scripted: bool = True) -
 @dataclass
 class EarlyAnswer:
     """Instead of relaying: answer `response` once `after` bytes have arrived, then read the
-    rest (or close the connection, as nginx does after refusing a body, when `close`)."""
+    rest; `linger`: also shut the sending side at once, as nginx does after refusing a body
+    (RFC 9112 §9.6); `close`: close the connection instead of reading on."""
 
     after: int
     response: bytes
+    linger: bool = False
     close: bool = False
 
 
@@ -203,6 +205,8 @@ class Tap:
                     if seen.answered_at is None and seen.received >= behaviour.after:
                         writer.write(behaviour.response)
                         seen.answered_at = time.time()
+                        if behaviour.linger:
+                            writer.write_eof()
                         if behaviour.close:
                             await writer.drain()
                             break
@@ -478,18 +482,23 @@ EARLY_413 = (
 )
 
 
-# Only an upstream that keeps its connection open (or closes it lingering, as nginx does):
-# one that closes at once with the rest of the body unread makes its kernel reset the
-# connection, and the reset can destroy the answer before the proxy has read it (a race no
-# client can win; RFC 9112 §9.6 asks servers to linger for that reason).
-@pytest.mark.parametrize("upstream_closes", [False], ids=["kept-open"])
+# Only an upstream that keeps its connection open, or closes it lingering: one that closes at
+# once with the rest of the body unread makes its kernel reset the connection, and the reset
+# can destroy the answer before the proxy has read it (a race no client can win; RFC 9112 §9.6
+# asks servers to linger for that reason).
+@pytest.mark.parametrize("lingering_close", [False, True], ids=["kept-open", "lingering-close"])
 async def test_an_early_413_from_the_upstream_reaches_the_client_while_it_is_still_sending(
-    self_hosted: Target, fake_upstream: FakeUpstreamServer, upstream_closes: bool
+    self_hosted: Target, fake_upstream: FakeUpstreamServer, lingering_close: bool
 ) -> None:
     # The fake reads every body whole before answering, so the early answer is the tap's own.
-    # Kept open (no `Connection: close`), not reusing the connection is the proxy's part;
-    # closed at once, as nginx does, the answer must still come through.
-    early = EarlyAnswer(after=MiB, response=EARLY_413, close=upstream_closes)
+    # Kept open (no `Connection: close`), not reusing the connection is the proxy's part; shut
+    # by the upstream (`Connection: close`, then its FIN), the answer must still come through.
+    answer = EARLY_413.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+    early = (
+        EarlyAnswer(after=MiB, response=answer, linger=True)
+        if lingering_close
+        else EarlyAnswer(after=MiB, response=EARLY_413)
+    )
     async with Tap(fake_upstream.url, [early]).running() as tap:
         with start_proxy(f"{tap.url}/v1", max_body_bytes=2 * BIG) as proxy:
             async with connect(proxy.url) as client:
@@ -515,11 +524,10 @@ async def test_an_early_413_from_the_upstream_reaches_the_client_while_it_is_sti
                     f"{proxy.url}{FILES}", content=b"small", headers=UPLOAD_SCRIPT
                 )
             first = tap.connections[0]
-            if not upstream_closes:
-                await tap.wait_until(lambda: first.closed_by_proxy_at is not None, CLOSED_WITHIN)
-                assert first.closed_by_proxy_at is not None
-                assert first.answered_at is not None
-                assert first.closed_by_proxy_at - first.answered_at <= CLOSED_WITHIN
+            await tap.wait_until(lambda: first.closed_by_proxy_at is not None, CLOSED_WITHIN)
+            assert first.closed_by_proxy_at is not None
+            assert first.answered_at is not None
+            assert first.closed_by_proxy_at - first.answered_at <= CLOSED_WITHIN
     assert following.status_code == 200, following.text
     assert following.json() == UPLOADED
     assert len(tap.connections) == 2  # the early-answered connection was not reused
