@@ -339,7 +339,8 @@ def run(args: argparse.Namespace, processes: Processes) -> int:
         finally:
             sampler.stop()
     report(args, body, uploads, failures, sampler)
-    return 1 if failures or verdicts(uploads, sampler, args.rounds) else 0
+    failed = verdicts(uploads, sampler, args.rounds, not args.report_time_only)
+    return 1 if failures or failed else 0
 
 
 def totals(uploads: list[Upload]) -> dict[str, float]:
@@ -349,14 +350,16 @@ def totals(uploads: list[Upload]) -> dict[str, float]:
     return sums
 
 
-def verdicts(uploads: list[Upload], sampler: RssSampler, rounds: int) -> list[str]:
-    """What failed its bound (empty: all held)."""
+def verdicts(
+    uploads: list[Upload], sampler: RssSampler, rounds: int, time_bound: bool = True
+) -> list[str]:
+    """What failed its bound (empty: all held); the time ratio only with `time_bound`."""
     failed = []
     peak_mb = sampler.peak_kib * 1024 / MB
     if peak_mb >= PEAK_RSS_BOUND_MB:
         failed.append(f"peak VmRSS {peak_mb:.1f} MB >= {PEAK_RSS_BOUND_MB:g} MB")
     sums = totals(uploads)
-    if len(uploads) == 2 * rounds:
+    if time_bound and len(uploads) == 2 * rounds:
         ratio = sums["llmproxy"] / sums["direct"]
         if ratio > RATIO_BOUND:
             failed.append(f"time ratio {ratio:.2f} > {RATIO_BOUND:g}")
@@ -388,7 +391,7 @@ def report(
     )
     before_mb = sampler.before_kib * 1024 / MB
     peak_mb = sampler.peak_kib * 1024 / MB
-    failed = verdicts(uploads, sampler, args.rounds)
+    failed = verdicts(uploads, sampler, args.rounds, not args.report_time_only)
     print("\n| measure | value | bound | |")
     print("| --- | ---: | ---: | --- |")
     print(f"| llmproxy VmRSS before the rounds | {before_mb:.1f} MB | | |")
@@ -423,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
         "--deadline-s", type=float, default=120.0, help="per upload, seconds (default 120)"
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep the started servers' logs")
+    parser.add_argument(
+        "--report-time-only",
+        action="store_true",
+        help="report the time ratio without failing on it (nox -s bench: memory and bytes are "
+        "the bounds there, times move with the machine's load)",
+    )
     args = parser.parse_args(argv)
     if args.size_mib < 1 or args.size_mib > 1000:
         parser.error("--size-mib must be 1 to 1000 (the proxy's max_body_bytes is 1 GiB)")
