@@ -375,7 +375,13 @@ class Forwarder:
                     else AttemptOutcome.failed_after_send()
                 )
                 decision = self._decide(attempt, outcome, loop_started)
-                if not decision.retry or _sent_streamed(body):
+                # Not retried: a streamed body already sent, and the egress proxy's refusal
+                # (asking again with the same credentials can lock a directory account).
+                if (
+                    not decision.retry
+                    or _sent_streamed(body)
+                    or isinstance(error, EgressProxyError)
+                ):
                     await self._refuse(send, proxy_error_for(error), exchange)
                     return
             else:

@@ -473,7 +473,7 @@ class WebSocketRelay:
                     else AttemptOutcome.failed_after_send()
                 )
                 decision = self._decide(attempt, outcome, loop_started)
-                if not decision.retry:
+                if not decision.retry or isinstance(error, EgressProxyError):  # as for HTTP
                     logger.warning("WebSocket upstream failed: %s", error)
                     await upgrade.refuse(_proxy_error_for(error))
                     return None

@@ -287,6 +287,10 @@ async def test_a_proxy_asking_for_credentials_is_a_502_upstream_proxy_error(
         assert credentials_in(response.text) == []
         assert credentials_in(caplog.text) == []
         assert upstream.journal() == []  # nothing reached the upstream
+        # Asked once, not once per attempt: asking a directory-backed proxy again with the
+        # same wrong credentials can lock the account.
+        if scheme == "https":
+            assert len(authenticating_proxy.connects()) == 1
 
 
 async def test_a_clients_own_proxy_authorization_never_reaches_the_egress_proxy(
