@@ -151,7 +151,7 @@ class Forwarder:
             )
             for upstream in configuration.upstreams()
         )
-        self._policy = configuration.retry_policy()
+        self.retry_policy = configuration.retry_policy()
         self._keepalive = configuration.sse_keepalive
         self.keys = KeyRing(configuration.proxy_access_keys())
         self._memory_limiter, self.redis_limiter = create_limiter(configuration)
@@ -374,7 +374,7 @@ class Forwarder:
                     if isinstance(error, ConnectFailedError)
                     else AttemptOutcome.failed_after_send()
                 )
-                decision = self._decide(attempt, outcome, loop_started)
+                decision = self.decide_retry(attempt, outcome, loop_started)
                 # Not retried: a streamed body already sent, and the egress proxy's refusal
                 # (asking again with the same credentials can lock a directory account).
                 if (
@@ -407,11 +407,13 @@ class Forwarder:
                         )
                         return
                     record.upstream_headers_ms = exchange.elapsed_ms()
-                    if response.status in self._policy.retry_statuses and not _sent_streamed(body):
+                    if response.status in self.retry_policy.retry_statuses and not _sent_streamed(
+                        body
+                    ):
                         outcome = AttemptOutcome.response(
                             response.status, response.headers_as_text()
                         )
-                        decision = self._decide(attempt, outcome, loop_started)
+                        decision = self.decide_retry(attempt, outcome, loop_started)
                     if decision is None or not decision.retry:
                         await self._relay(response, send, exchange)
                         return
@@ -421,9 +423,12 @@ class Forwarder:
             await asyncio.sleep(decision.delay)
             index = next_upstream(index, len(self.routes))
 
-    def _decide(self, attempt: int, outcome: AttemptOutcome, loop_started: float) -> RetryDecision:
+    def decide_retry(
+        self, attempt: int, outcome: AttemptOutcome, loop_started: float
+    ) -> RetryDecision:
+        """`retry.decide` for this proxy's policy, now (the WebSocket relay asks it too)."""
         return decide(
-            self._policy,
+            self.retry_policy,
             attempt,
             outcome,
             elapsed=time.monotonic() - loop_started,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 import ssl
 import time
@@ -56,7 +55,7 @@ from llmproxy.errors import ProxyError
 from llmproxy.forwarder import Forwarder, Route, client_request_id, proxy_error_for
 from llmproxy.headers import filter_response_headers, merge_upstream_headers
 from llmproxy.limiter import LimitRefusal
-from llmproxy.retry import AttemptOutcome, RetryDecision, decide, next_upstream
+from llmproxy.retry import AttemptOutcome, RetryDecision, next_upstream
 from llmproxy.targets import has_dot_segment, is_api_path, request_target
 from llmproxy.upstream_client import (
     ConnectFailedError,
@@ -319,7 +318,6 @@ class WebSocketRelay:
 
     def __init__(self, configuration: Configuration, forwarder: Forwarder) -> None:
         self._forwarder = forwarder  # its routes, and its count of requests (sessions count)
-        self._policy = configuration.retry_policy()
         self._max_concurrent = configuration.max_concurrent_requests
         self._connect_timeout = configuration.connect_timeout
         self._handshake_timeout = configuration.read_timeout
@@ -455,11 +453,11 @@ class WebSocketRelay:
                 response = refused.response
                 record.upstream_status = response.status_code
                 decision: RetryDecision | None = None
-                if response.status_code in self._policy.retry_statuses:
+                if response.status_code in self._forwarder.retry_policy.retry_statuses:
                     outcome = AttemptOutcome.response(
                         response.status_code, dict(response.headers.raw_items())
                     )
-                    decision = self._decide(attempt, outcome, loop_started)
+                    decision = self._forwarder.decide_retry(attempt, outcome, loop_started)
                 if decision is None or not decision.retry:
                     await upgrade.pass_refusal(response)
                     return None
@@ -472,7 +470,7 @@ class WebSocketRelay:
                     if isinstance(error, ConnectFailedError)
                     else AttemptOutcome.failed_after_send()
                 )
-                decision = self._decide(attempt, outcome, loop_started)
+                decision = self._forwarder.decide_retry(attempt, outcome, loop_started)
                 if not decision.retry or isinstance(error, EgressProxyError):  # as for HTTP
                     logger.warning("WebSocket upstream failed: %s", error)
                     await upgrade.refuse(_proxy_error_for(error))
@@ -533,16 +531,6 @@ class WebSocketRelay:
             if name.lower() not in _HANDSHAKE_HEADER_BYTES
         ]
         return _Opened(connection, connection.subprotocol, kept)
-
-    def _decide(self, attempt: int, outcome: AttemptOutcome, loop_started: float) -> RetryDecision:
-        return decide(
-            self._policy,
-            attempt,
-            outcome,
-            elapsed=time.monotonic() - loop_started,
-            now=time.time(),
-            random_fraction=random.random(),  # noqa: S311 - jitter, not cryptography
-        )
 
     # -- the session ------------------------------------------------------------------------
     async def _relay(

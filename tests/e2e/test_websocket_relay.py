@@ -31,6 +31,7 @@ from websockets.protocol import State
 from llmproxy.testing import ProxyServer
 from tests.e2e.conftest import CLIENT_KEY, E2E_DEFAULT_HEADERS, Target, start_proxy
 from tests.e2e.fake_client import FakeUpstreamClient, Journal
+from tests.e2e.test_headers_e2e import HOP_BY_HOP
 
 pytestmark = pytest.mark.e2e
 
@@ -41,20 +42,6 @@ PROXY_KEY = "sk-proxy-test"
 KEY_SUBPROTOCOL = f"openai-insecure-api-key.{PROXY_KEY}"
 SMALL_LIMIT = 65536
 
-# RFC 9110 §7.6.1, as DESIGN §3.2 lists them: never forwarded.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 # Each hop's own handshake fields (RFC 6455 §4.1), written by whoever opens that hop.
 HANDSHAKE_FIELDS = frozenset(
     {
