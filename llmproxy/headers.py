@@ -7,7 +7,6 @@ forwarder can apply them without touching I/O. Contract: DESIGN §3.2 and §4.1.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Iterable, Sequence
 
 # Hop-by-hop headers describe one connection, not the message; a proxy must not forward them.
@@ -79,13 +78,15 @@ def _names_never_forwarded(default_headers: tuple[tuple[str, str], ...]) -> froz
 
 
 # RFC 9110 §5.5: field values carry no control bytes but HTAB. The upstream client lets some
-# through; the server would refuse to write them after the response had been committed.
-_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# through; the server would refuse to write them after the response had been committed. The
+# bytes that are fine, for `bytes.translate(None, ...)`: what it leaves are control bytes (one
+# C loop over all the values; a regular-expression search cost several times as much).
+_VALUE_BYTES_FINE = bytes(b for b in range(256) if (b > 0x1F and b != 0x7F) or b == 0x09)
 
 
 def has_control_bytes(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     """Whether any header value holds a control byte (one scan over all the values)."""
-    return _CONTROL_BYTES.search(b"".join(value for _, value in headers)) is not None
+    return bool(b"".join([value for _, value in headers]).translate(None, _VALUE_BYTES_FINE))
 
 
 def filter_response_headers(

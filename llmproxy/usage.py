@@ -185,7 +185,7 @@ def _find_model(data: bytes) -> tuple[str | None, bytes]:
         if value != -1:  # the compact and the pretty spellings, checked by slicing
             close = data.find(b'"', value)
             text = data[value:close]
-            if close != -1 and b"\\" not in text:
+            if close != -1 and text.find(b"\\") == -1:  # (`find`: see `SseUsageTap.feed`)
                 return text.decode("utf-8", "replace"), b""
         match = _MODEL_ESCAPED.match(data, at)
         if match is not None:
@@ -219,7 +219,9 @@ class SseUsageTap:
         data = self._partial + chunk if self._partial else chunk
         # The last event boundary (WHATWG HTML §9.2.5: a blank line after LF, CRLF or CR
         # line ends), looked for in the order streams use them: one search for most.
-        if b"\r" in data:  # CRLF or CR line ends (rare): the careful way
+        # `find`, not `in`, on the hot path: CPython's bytes `in` first tries the operand as an
+        # int and builds a TypeError for a bytes one (~1,800 instructions a time, callgrind).
+        if data.find(b"\r") != -1:  # CRLF or CR line ends (rare): the careful way
             cut = _last_boundary(data)
         else:
             end = data.rfind(b"\n\n")
@@ -229,7 +231,7 @@ class SseUsageTap:
             return
         complete = data[:cut]
         self._hold(data[cut:])
-        if b'"usage"' in complete and _USAGE_OBJECT.search(complete):
+        if complete.find(b'"usage"') != -1 and _USAGE_OBJECT.search(complete):
             for event in _EVENT_BOUNDARY.split(complete):
                 if _USAGE_OBJECT.search(event):
                     found = _usage_of_event(event)
