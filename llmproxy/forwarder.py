@@ -438,7 +438,7 @@ class Forwarder:
 
     async def _relay(self, upstream: UpstreamResponse, send: Send, exchange: _Exchange) -> None:
         record = exchange.record
-        response_headers = filter_response_headers(upstream.raw_headers)
+        response_headers = filter_response_headers(upstream.raw_headers, upstream.names)
         response_headers.append(exchange.request_id_header)
         if has_control_bytes(upstream.raw_headers):
             await self._refuse(send, errors.UPSTREAM_BAD_RESPONSE, exchange)

@@ -90,15 +90,19 @@ def has_control_bytes(headers: Sequence[tuple[bytes, bytes]]) -> bool:
 
 
 def filter_response_headers(
-    headers: Sequence[tuple[bytes, bytes]],
+    headers: Sequence[tuple[bytes, bytes]], names: Sequence[bytes] | None = None
 ) -> list[tuple[bytes, bytes]]:
     """Upstream response headers for the client: everything but the hop-by-hop ones.
 
     Works on raw bytes because that is what both the upstream client and ASGI speak, so the hot
-    path never re-encodes a header.
+    path never re-encodes a header. `names`, if given, are the names already lowercased, in
+    order (the upstream client lowers them once per response).
     """
+    if names is None:
+        names = [name.lower() for name, _ in headers]
     dropped = _HOP_BY_HOP_BYTES
-    for name, value in headers:
-        if name.lower() == b"connection":
-            dropped = dropped | {token.strip().lower() for token in value.split(b",")}
-    return [(name, value) for name, value in headers if name.lower() not in dropped]
+    if b"connection" in names:
+        for name, (_, value) in zip(names, headers, strict=True):
+            if name == b"connection":
+                dropped = dropped | {token.strip().lower() for token in value.split(b",")}
+    return [pair for name, pair in zip(names, headers, strict=True) if name not in dropped]

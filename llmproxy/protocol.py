@@ -324,7 +324,6 @@ class ProxyHttpProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._header_count = 0
         self._head_bytes = 0  # bytes of the request line and header (or trailer) fields so far
         self._unparsed = 0  # bytes fed since the head began or body bytes last came
         self._url_parts: list[bytes] | None = None  # a target that arrived in pieces
@@ -406,7 +405,6 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope["extensions"] = {DISCONNECT_EXTENSION: {"signal": DisconnectSignal()}}
-        self._header_count = 0
         self._head_bytes = 0
         self._url_parts = None
         self._in_trailers = False
@@ -435,16 +433,22 @@ class ProxyHttpProtocol(HttpToolsProtocol):
                     431, f"The request's trailer fields are over {MAX_HEADER_BYTES} bytes."
                 )
             return
-        self._header_count += 1
-        if self._header_count > MAX_HEADERS or self._head_bytes > MAX_HEADER_BYTES:
+        # uvicorn's `on_header` inlined (one Python call per header fewer; the canary test
+        # in tests/unit/test_server_protocol.py compares the two).
+        name = name.lower()
+        headers = self.headers
+        headers.append((name, value))
+        if len(headers) > MAX_HEADERS or self._head_bytes > MAX_HEADER_BYTES:
             raise _RefusedRequestError(
                 431,
                 f"The request has more than {MAX_HEADERS} header fields or "
                 f"{MAX_HEADER_BYTES} bytes of them.",
             )
-        if name.lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
-            raise _RefusedRequestError(400, "Only 'Transfer-Encoding: chunked' is accepted.")
-        super().on_header(name, value)
+        if name == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                raise _RefusedRequestError(400, "Only 'Transfer-Encoding: chunked' is accepted.")
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
 
     def on_headers_complete(self) -> None:
         self._unparsed = 0

@@ -170,22 +170,28 @@ class UpstreamResponse:
     which returns a fully read connection to the pool and aborts any other.
     """
 
-    __slots__ = ("_connection", "raw_headers", "stale_retries", "status")
+    __slots__ = ("_connection", "names", "raw_headers", "stale_retries", "status")
 
-    def __init__(self, connection: _Connection, status: int, raw_headers: list[Any]) -> None:
+    def __init__(
+        self,
+        connection: _Connection,
+        status: int,
+        raw_headers: list[Any],
+        names: list[bytes] | None = None,
+    ) -> None:
         self._connection = connection
         self.status = status
         self.raw_headers: list[tuple[bytes, bytes]] = raw_headers
+        # The names lowercased, in the same order: lowered once per response, not per lookup.
+        self.names = [name.lower() for name, _ in raw_headers] if names is None else names
         # 1 when a reused connection closed under the request and it went out again on a new
         # one (`UpstreamClient.request`): the access log line shows it.
         self.stale_retries = 0
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lowercase), or None."""
-        for key, value in self.raw_headers:
-            if key.lower() == name:
-                return value
-        return None
+        names = self.names
+        return self.raw_headers[names.index(name)][1] if name in names else None
 
     def headers_as_text(self) -> dict[str, str]:
         """The headers as a lowercase-keyed dict of text (first value wins), for retry policy."""
@@ -394,9 +400,10 @@ class _Connection(asyncio.Protocol):
             return  # informational (100 Continue, 103 Early Hints): the real answer follows
         headers = self._headers
         self._headers = []  # a chunked body's trailers, if any, go here, not into the response
+        names = [name.lower() for name, _ in headers]
         if not self._head_only:  # (HEAD answers end here, and their connections are not reused)
-            self._ends_at_eof, self.keepalive_hint = _response_framing(status, headers)
-        response = UpstreamResponse(self, status, headers)
+            self._ends_at_eof, self.keepalive_hint = _response_framing(status, headers, names)
+        response = UpstreamResponse(self, status, headers, names)
         self._response = response
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
@@ -677,24 +684,27 @@ class _Connection(asyncio.Protocol):
         self._arm_timer()
 
 
-def _response_framing(status: int, headers: list[tuple[bytes, bytes]]) -> tuple[bool, float | None]:
+def _response_framing(
+    status: int, headers: list[tuple[bytes, bytes]], names: list[bytes]
+) -> tuple[bool, float | None]:
     """Whether the body ends at the connection's close (RFC 9112 §6.3), and the Keep-Alive hint.
+
+    `names` are the headers' names lowercased, in order.
 
     Raises ResponseError for transfer codings the client cannot pass on honestly (see
     `_ends_at_eof_by_codings`).
     """
-    has_length = False
+    # Membership first (a C loop each): most answers have a length and nothing else here.
+    has_length = b"content-length" in names
     codings: bytes | None = None
     keepalive_hint: float | None = None
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered == b"transfer-encoding":
-            # Several fields make one list (RFC 9110 §5.3).
-            codings = value if codings is None else codings + b"," + value
-        elif lowered == b"content-length":
-            has_length = True
-        elif lowered == b"keep-alive":
-            keepalive_hint = _keepalive_timeout(value)
+    if b"transfer-encoding" in names or b"keep-alive" in names:
+        for lowered, (_, value) in zip(names, headers, strict=True):
+            if lowered == b"transfer-encoding":
+                # Several fields make one list (RFC 9110 §5.3).
+                codings = value if codings is None else codings + b"," + value
+            elif lowered == b"keep-alive":
+                keepalive_hint = _keepalive_timeout(value)  # the last one counts
     if status in (204, 304):
         return False, keepalive_hint  # no body, so no coded bytes to pass on as plain
     if codings is not None:

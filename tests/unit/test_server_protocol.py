@@ -211,6 +211,31 @@ async def test_uvicorn_protocol_and_cycle_still_have_the_attributes_llmproxy_use
         task.cancel()
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        (b"Content-Type", b"application/json"),
+        (b"Expect", b"100-Continue"),
+        (b"expect", b"nothing"),
+        (b"X-\xc3\xa9", b"caf\xe9"),
+    ],
+)
+async def test_the_inlined_on_header_does_what_uvicorns_does(name: bytes, value: bytes) -> None:
+    # ProxyHttpProtocol.on_header inlines uvicorn's instead of calling it (one Python call per
+    # header fewer): a uvicorn release that changes its on_header must fail here.
+    ours = make_protocol(RecordingTransport())
+    theirs = make_protocol(RecordingTransport())
+    for protocol in (ours, theirs):
+        protocol.on_message_begin()
+        protocol.expect_100_continue = False
+    ours.on_header(name, value)
+    httptools_impl.HttpToolsProtocol.on_header(theirs, name, value)
+    assert ours.headers == theirs.headers, f"uvicorn {uvicorn.__version__}: on_header changed"
+    assert ours.expect_100_continue == theirs.expect_100_continue, (
+        f"uvicorn {uvicorn.__version__}: on_header's Expect handling changed"
+    )
+
+
 # --- item 1: the descriptor watch ---------------------------------------------------------------
 
 
