@@ -266,31 +266,22 @@ class _ProxyCycle(RequestResponseCycle):
         headers = [*self.default_headers, *message_headers]
         names = [name.lower() for name, _ in headers]
         values = [value for _, value in headers]
-        if b"".join(names).translate(None, _NAME_BYTES_FINE) or b"".join(values).translate(
-            None, _VALUE_BYTES_FINE
-        ):
-            self._raise_for_headers(names, values)
         content = [STATUS_LINE[status]]
+        if (
+            b"".join(names).translate(None, _NAME_BYTES_FINE)
+            or b"".join(values).translate(None, _VALUE_BYTES_FINE)
+            or b"transfer-encoding" in names
+            or b"connection" in names
+        ):
+            # Rare (the forwarder drops both fields, hop-by-hop): uvicorn's walk, in order.
+            has_connection_close = self._walk_headers(names, values)
+        else:
+            has_connection_close = False
+            if b"content-length" in names and self.chunked_encoding is None:
+                self.expected_content_length = int(values[names.index(b"content-length")].decode())
+                self.chunked_encoding = False
         for name, value in zip(names, values, strict=True):
             content += (name, b": ", value, b"\r\n")
-        # Framing as uvicorn reads it: the first Content-Length, unless a
-        # `Transfer-Encoding: chunked` comes anywhere; `close` in any Connection field.
-        has_connection_close = False
-        if b"content-length" in names and self.chunked_encoding is None:
-            self.expected_content_length = int(values[names.index(b"content-length")].decode())
-            self.chunked_encoding = False
-        if b"transfer-encoding" in names:
-            for name, value in zip(names, values, strict=True):
-                if name == b"transfer-encoding" and value.lower() == b"chunked":
-                    self.expected_content_length = 0
-                    self.chunked_encoding = True
-        if b"connection" in names:
-            for name, value in zip(names, values, strict=True):
-                if name == b"connection" and b"close" in [
-                    token.lower().strip() for token in value.split(b",")
-                ]:
-                    self.keep_alive = False
-                    has_connection_close = True
         if not self.keep_alive and not has_connection_close:
             content.append(b"connection: close\r\n")
         if (
@@ -303,9 +294,12 @@ class _ProxyCycle(RequestResponseCycle):
         content.append(b"\r\n")
         self.transport.write(b"".join(content))
 
-    def _raise_for_headers(self, names: list[bytes], values: list[bytes]) -> None:
-        """uvicorn's walk over headers of which one is invalid: the same error, at the same
-        point (a Content-Length that is not a number, before it, fails first)."""
+    def _walk_headers(self, names: list[bytes], values: list[bytes]) -> bool:
+        """uvicorn's walk over the headers: each checked, then read for framing (the first
+        Content-Length unless a `Transfer-Encoding: chunked` came before; chunked wherever it
+        comes; `close` in any Connection field), failing where uvicorn fails. Whether a
+        Connection field said close."""
+        has_connection_close = False
         for name, value in zip(names, values, strict=True):
             if name.translate(None, _NAME_BYTES_FINE):
                 raise RuntimeError("Invalid HTTP header name.")
@@ -317,6 +311,12 @@ class _ProxyCycle(RequestResponseCycle):
             elif name == b"transfer-encoding" and value.lower() == b"chunked":
                 self.expected_content_length = 0
                 self.chunked_encoding = True
+            elif name == b"connection" and b"close" in [
+                token.lower().strip() for token in value.split(b",")
+            ]:
+                self.keep_alive = False
+                has_connection_close = True
+        return has_connection_close
 
 
 class ProxyHttpProtocol(HttpToolsProtocol):
@@ -400,6 +400,17 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         if isinstance(joined, _WritesJoinedPerTurn):
             self.transport = joined.unwrap()
         super().handle_websocket_upgrade()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # uvicorn's (newer releases; older ones create the task inline), with one name for
+        # all: asyncio formats a "Task-N" name for every unnamed task (~1,500 instructions a
+        # request under callgrind).
+        if getattr(self.config, "reset_contextvars", False):
+            super()._start_asgi_task(cycle, app)  # type: ignore[misc]
+            return
+        task = self.loop.create_task(cycle.run_asgi(app), name="llmproxy-request")
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
 
     # -- parser callbacks ------------------------------------------------------------------
     def on_message_begin(self) -> None:

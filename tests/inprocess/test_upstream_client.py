@@ -784,6 +784,39 @@ async def test_the_read_timeout_is_between_bytes_not_for_the_whole_body(
         response.close()
 
 
+async def test_a_reused_connection_times_its_own_exchange_not_the_last_ones(
+    make_client: ClientFactory,
+) -> None:
+    """The read timer of a finished exchange stays armed for the next one on the connection
+    (one timer per connection, not per request): it must time the new exchange from the new
+    exchange's bytes, neither early (the old deadline) nor never."""
+    read_timeout = 0.6
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")  # at once
+        await writer.drain()
+        await read_request_head(reader)
+        # Scripted pace: past the first exchange's deadline, within the second one's.
+        await asyncio.sleep(0.75 * read_timeout)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2")
+        await writer.drain()
+        await read_request_head(reader)
+        await until_eof(reader)  # the third is never answered
+
+    async with scripted(handler) as (origin, upstream):
+        client = make_client(read_timeout=read_timeout)
+        assert await fetch_whole(client, origin) == b"1"
+        await asyncio.sleep(0.5 * read_timeout)  # scripted pace: half the first timer is gone
+        assert await fetch_whole(client, origin) == b"2"
+        started = time.monotonic()
+        with pytest.raises(ReadTimeoutError):
+            async with asyncio.timeout(DEADLINE):  # (a TimeoutError, not this, if never timed)
+                await fetch(client, origin)
+        assert read_timeout * 0.9 <= time.monotonic() - started <= DEADLINE
+        assert upstream.accepted == 1
+
+
 # -- 9. back-pressure --------------------------------------------------------------------------
 
 

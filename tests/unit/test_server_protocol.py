@@ -4,6 +4,7 @@ relies on, and the descriptor watch (issue 10, items 1, 4 and 14)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import inspect
 import logging
@@ -234,6 +235,20 @@ async def test_the_inlined_on_header_does_what_uvicorns_does(name: bytes, value:
     assert ours.expect_100_continue == theirs.expect_100_continue, (
         f"uvicorn {uvicorn.__version__}: on_header's Expect handling changed"
     )
+
+
+async def test_the_request_task_is_named_once_tracked_and_dropped_when_done() -> None:
+    if not hasattr(httptools_impl.HttpToolsProtocol, "_start_asgi_task"):
+        pytest.skip(f"uvicorn {uvicorn.__version__} creates the task inline")
+    protocol = make_protocol(RecordingTransport())
+    protocol.data_received(b"GET /v1/models HTTP/1.1\r\nHost: p\r\n\r\n")
+    assert [task.get_name() for task in protocol.tasks] == ["llmproxy-request"]
+    (task,) = protocol.tasks
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)  # done callbacks run on the next turn
+    assert not protocol.tasks
 
 
 # --- item 1: the descriptor watch ---------------------------------------------------------------
