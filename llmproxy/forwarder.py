@@ -43,7 +43,7 @@ from llmproxy.headers import (
     wire_headers,
 )
 from llmproxy.limiter import LimitRefusal, MemoryLimiter, RedisLimiter
-from llmproxy.protocol import disconnect_signal
+from llmproxy.protocol import HEADERS_CHECKED, disconnect_signal
 from llmproxy.retry import AttemptOutcome, RetryDecision, decide, next_upstream
 from llmproxy.targets import has_dot_segment, is_api_path, request_target
 from llmproxy.tls import upstream_ssl_context
@@ -444,7 +444,12 @@ class Forwarder:
             await self._refuse(send, errors.UPSTREAM_BAD_RESPONSE, exchange)
             return
         await send(
-            {"type": "http.response.start", "status": upstream.status, "headers": response_headers}
+            {
+                "type": "http.response.start",
+                "status": upstream.status,
+                "headers": response_headers,
+                HEADERS_CHECKED: True,  # names parsed by llhttp, values scanned just above
+            }
         )
         record.status = upstream.status
         content_type = upstream.header(b"content-type") or b""

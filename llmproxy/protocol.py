@@ -63,6 +63,12 @@ CLIENT_TIMEOUTS_STATE = "llmproxy.client_timeouts"
 # `scope["extensions"][DISCONNECT_EXTENSION]["signal"]`.
 DISCONNECT_EXTENSION = "llmproxy.disconnect"
 
+# A key of an `http.response.start` message: true when the sender has already checked every
+# header name and value (the forwarder: names as llhttp parsed them from the upstream, values
+# scanned for control bytes before it commits to the answer), so the server does not scan
+# them again. Other servers ignore unknown keys (ASGI).
+HEADERS_CHECKED = "llmproxy.headers_checked"
+
 
 class DisconnectSignal:
     """Set on the connection's loss: `gone` becomes true and `callback`, if set, is called."""
@@ -219,7 +225,9 @@ class _ProxyCycle(RequestResponseCycle):
             if self.access_log:  # (llmproxy serves without uvicorn's access log)
                 await super().send(message)
             else:
-                self._start_response(message["status"], message.get("headers", ()))
+                self._start_response(
+                    message["status"], message.get("headers", ()), HEADERS_CHECKED in message
+                )
             if message["status"] in (204, 304):
                 self.expected_content_length = 0
                 self.chunked_encoding = False
@@ -260,7 +268,9 @@ class _ProxyCycle(RequestResponseCycle):
                 self.transport.close()
             self.on_response()
 
-    def _start_response(self, status: int, message_headers: Iterable[Any]) -> None:
+    def _start_response(
+        self, status: int, message_headers: Iterable[Any], checked: bool = False
+    ) -> None:
         self.response_started = True
         self.waiting_for_100_continue = False
         headers = [*self.default_headers, *message_headers]
@@ -268,8 +278,13 @@ class _ProxyCycle(RequestResponseCycle):
         values = [value for _, value in headers]
         content = [STATUS_LINE[status]]
         if (
-            b"".join(names).translate(None, _NAME_BYTES_FINE)
-            or b"".join(values).translate(None, _VALUE_BYTES_FINE)
+            (
+                not checked
+                and (
+                    b"".join(names).translate(None, _NAME_BYTES_FINE)
+                    or b"".join(values).translate(None, _VALUE_BYTES_FINE)
+                )
+            )
             or b"transfer-encoding" in names
             or b"connection" in names
         ):
@@ -406,7 +421,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         # all: asyncio formats a "Task-N" name for every unnamed task (~1,500 instructions a
         # request under callgrind).
         if getattr(self.config, "reset_contextvars", False):
-            super()._start_asgi_task(cycle, app)  # type: ignore[misc]
+            super()._start_asgi_task(cycle, app)
             return
         task = self.loop.create_task(cycle.run_asgi(app), name="llmproxy-request")
         task.add_done_callback(self.tasks.discard)

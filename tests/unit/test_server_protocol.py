@@ -187,7 +187,7 @@ CYCLE_ATTRIBUTES = (
 def test_uvicorn_still_has_the_protocol_method_llmproxy_overrides(name: str) -> None:
     assert callable(getattr(httptools_impl.HttpToolsProtocol, name, None)), (
         f"uvicorn {uvicorn.__version__}: HttpToolsProtocol.{name} is gone; llmproxy.protocol "
-        "overrides or calls it (README: 'The uvicorn bound')"
+        "overrides or calls it (README: 'The uvicorn and prometheus-client bounds')"
     )
 
 
