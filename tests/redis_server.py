@@ -42,11 +42,12 @@ def redis_server_executable() -> str:
 
 
 def ping(port: int, timeout: float = 0.5) -> bool:
-    """Whether a Redis answers PING on 127.0.0.1:`port` (RESP spoken by hand: no client pool)."""
+    """Whether a Redis answers PING on 127.0.0.1:`port` (RESP spoken by hand: no client pool).
+    A server with a password answers `-NOAUTH`: it is up all the same."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
             connection.sendall(b"PING\r\n")
-            return connection.recv(64).startswith(b"+PONG")
+            return connection.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
@@ -54,10 +55,13 @@ def ping(port: int, timeout: float = 0.5) -> bool:
 class RedisServer:
     """One redis-server process on a fixed loopback port; `with RedisServer(dir) as redis:`."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.executable = redis_server_executable()
         self.directory = directory
         self.port = port if port is not None else free_port()
+        self.extra_args = extra_args  # e.g. --requirepass, --unixsocket
         self.log_path = directory / f"redis-{self.port}.log"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -88,6 +92,7 @@ class RedisServer:
                     str(self.directory),
                     "--daemonize",
                     "no",
+                    *self.extra_args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
