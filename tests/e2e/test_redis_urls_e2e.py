@@ -163,6 +163,25 @@ def relay_context(ca: trustme.CA) -> ssl.SSLContext:
     return context
 
 
+@contextlib.contextmanager
+def behind_tls_relay(
+    fake: FakeUpstreamClient, directory: Path, ca: trustme.CA
+) -> Iterator[tuple[RedisServer, TlsRelay, str]]:
+    """A Redis, a TLS relay in front of it and a limited proxy using `rediss://` to the relay:
+    (the Redis, the relay, the proxy's URL)."""
+    with (
+        RedisServer(directory) as server,
+        TlsRelay(relay_context(ca), server.port) as relay,
+        limited_proxy(fake, f"rediss://127.0.0.1:{relay.port}/0") as proxy,
+    ):
+        yield server, relay, proxy.url
+
+
+def rpm_state_in(server: RedisServer) -> bool:
+    with redis.Redis(port=server.port, socket_timeout=TIMEOUT) as client:
+        return bool(client.exists(RPM_KEY))
+
+
 def test_a_rediss_url_speaks_verified_tls(
     self_hosted: Target,
     fake: FakeUpstreamClient,
@@ -172,16 +191,10 @@ def test_a_rediss_url_speaks_verified_tls(
 ) -> None:
     ca, ca_path = test_ca
     monkeypatch.setenv("SSL_CERT_FILE", str(ca_path))
-    with RedisServer(tmp_path) as server, TlsRelay(relay_context(ca), server.port) as relay:
-        with limited_proxy(fake, f"rediss://127.0.0.1:{relay.port}/0") as proxy:
-            assert statuses([post_chat(proxy.url, "team-a") for _ in range(3)]) == [
-                200,
-                200,
-                429,
-            ]
+    with behind_tls_relay(fake, tmp_path, ca) as (server, relay, url):
+        assert statuses([post_chat(url, "team-a") for _ in range(3)]) == [200, 200, 429]
         assert relay.handshakes >= 1
-        with redis.Redis(port=server.port, socket_timeout=TIMEOUT) as client:
-            assert client.exists(RPM_KEY)
+        assert rpm_state_in(server)
 
 
 def test_a_rediss_server_the_proxy_does_not_trust_is_refused(
@@ -193,11 +206,9 @@ def test_a_rediss_server_the_proxy_does_not_trust_is_refused(
 ) -> None:
     ca, _ = test_ca
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)  # the system's trust store only
-    with RedisServer(tmp_path) as server, TlsRelay(relay_context(ca), server.port) as relay:
-        with limited_proxy(fake, f"rediss://127.0.0.1:{relay.port}/0") as proxy:
-            answer = post_chat(proxy.url, "team-a")
-            assert answer.status_code == 503, answer.text
-            assert answer.json()["error"]["code"] == "limiter_unavailable"
+    with behind_tls_relay(fake, tmp_path, ca) as (server, relay, url):
+        answer = post_chat(url, "team-a")
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "limiter_unavailable"
         assert relay.handshakes == 0
-        with redis.Redis(port=server.port, socket_timeout=TIMEOUT) as client:
-            assert not client.exists(RPM_KEY)
+        assert not rpm_state_in(server)

@@ -24,40 +24,7 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from uvicorn.server import ServerState
 
 from llmproxy.protocol import ProxyHttpProtocol, _ProxyCycle
-
-
-class Transport:
-    """What a socket transport offers the protocol; records the bytes and the close."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8080)}.get(
-            name, default
-        )
+from tests.unit.test_server_protocol import RecordingTransport
 
 
 async def never_answers(scope: Scope, receive: Receive, send: Send) -> None:
@@ -81,7 +48,7 @@ async def run_messages(
     protocol = ProxyHttpProtocol(
         config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
     )
-    transport = Transport()
+    transport = RecordingTransport()
     protocol.connection_made(transport)  # type: ignore[arg-type]
     protocol.data_received(request)
     cycle = protocol.cycle
@@ -98,7 +65,7 @@ async def run_messages(
     for task in protocol.tasks:
         task.cancel()
     await asyncio.gather(*protocol.tasks, return_exceptions=True)
-    return bytes(transport.data), error, cycle.keep_alive, transport.closed, cycle.chunked_encoding
+    return transport.written(), error, cycle.keep_alive, transport.closed, cycle.chunked_encoding
 
 
 def both(request: bytes, messages: list[dict[str, Any]]) -> tuple[Any, Any]:
