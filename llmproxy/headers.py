@@ -77,16 +77,23 @@ def _names_never_forwarded(default_headers: tuple[tuple[str, str], ...]) -> froz
     return HOP_BY_HOP_HEADERS | CLIENT_SET_REQUEST_HEADERS | defaults
 
 
-# RFC 9110 §5.5: field values carry no control bytes but HTAB. The upstream client lets some
-# through; the server would refuse to write them after the response had been committed. The
-# bytes that are fine, for `bytes.translate(None, ...)`: what it leaves are control bytes (one
-# C loop over all the values; a regular-expression search cost several times as much).
-_VALUE_BYTES_FINE = bytes(b for b in range(256) if (b > 0x1F and b != 0x7F) or b == 0x09)
+# The bytes a field name (a token: no controls, separators or space, as uvicorn's HEADER_RE
+# has it) and a field value (RFC 9110 §5.5: no controls but HTAB) may hold, for
+# `data.translate(None, FINE)`: what it leaves are the bytes that are not fine. One C loop over
+# all the names or values of a message; a regular-expression search per field cost several
+# times as much (callgrind).
+FIELD_NAME_BYTES_FINE = bytes(
+    b for b in range(256) if b > 0x1F and b != 0x7F and b not in b'()<>@,;:[]={} \t\\"'
+)
+FIELD_VALUE_BYTES_FINE = bytes(b for b in range(256) if (b > 0x1F and b != 0x7F) or b == 0x09)
+
+# The upstream client lets some control bytes through; the server would refuse to write them
+# after the response had been committed, so the forwarder looks first.
 
 
 def has_control_bytes(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     """Whether any header value holds a control byte (one scan over all the values)."""
-    return bool(b"".join([value for _, value in headers]).translate(None, _VALUE_BYTES_FINE))
+    return bool(b"".join([value for _, value in headers]).translate(None, FIELD_VALUE_BYTES_FINE))
 
 
 def filter_response_headers(

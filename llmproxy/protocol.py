@@ -42,6 +42,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from llmproxy.errors import openai_error_body
+from llmproxy.headers import FIELD_NAME_BYTES_FINE, FIELD_VALUE_BYTES_FINE
 from llmproxy.metrics import CLIENT_TIMEOUTS
 
 MAX_HEADERS = 100
@@ -185,17 +186,6 @@ _LINGER = 3  # refused: reading and dropping what the client still sends, until 
 LINGER_SECONDS = 2.0
 
 
-# Bytes a header name may not hold (uvicorn's `HEADER_RE`: controls, separators, space), and
-# a value (RFC 9110 §5.5: controls but HTAB). Each table lists the bytes that are fine, for
-# `bytes.translate(None, fine)`: what is left is what is not fine. One C loop over all names,
-# one over all values: uvicorn ran two regular-expression searches per header (~1,500
-# instructions each, 5 % of a forwarded request's instructions under callgrind).
-_NAME_BYTES_FINE = bytes(
-    b for b in range(256) if b > 0x1F and b != 0x7F and b not in b'()<>@,;:[]={} \t\\"'
-)
-_VALUE_BYTES_FINE = bytes(b for b in range(256) if (b > 0x1F and b != 0x7F) or b == 0x09)
-
-
 class _ProxyCycle(RequestResponseCycle):
     """uvicorn's request cycle with its `send` written for the proxy's hot path.
 
@@ -208,8 +198,10 @@ class _ProxyCycle(RequestResponseCycle):
       is never followed by a body (RFC 9112 §6.3); uvicorn expected that many bytes and reset
       the connection when they did not come. A 204 has no body either. (HEAD it handles.)
 
-    The test of the first is tests/unit/test_server_protocol.py (same bytes as uvicorn's for
-    the same messages); of the second, the 304 tests of tests/e2e/test_hostile_input.py.
+    The test of the first is tests/unit/test_response_start.py (the same bytes, errors and
+    state as uvicorn's for the same messages); of the second, the 304 tests of
+    tests/e2e/test_hostile_input.py. A sender that checked its headers itself says so with
+    `HEADERS_CHECKED` in its message, and they are not scanned again.
     """
 
     async def send(self, message: Any) -> None:
@@ -281,8 +273,8 @@ class _ProxyCycle(RequestResponseCycle):
             (
                 not checked
                 and (
-                    b"".join(names).translate(None, _NAME_BYTES_FINE)
-                    or b"".join(values).translate(None, _VALUE_BYTES_FINE)
+                    b"".join(names).translate(None, FIELD_NAME_BYTES_FINE)
+                    or b"".join(values).translate(None, FIELD_VALUE_BYTES_FINE)
                 )
             )
             or b"transfer-encoding" in names
@@ -316,9 +308,9 @@ class _ProxyCycle(RequestResponseCycle):
         Connection field said close."""
         has_connection_close = False
         for name, value in zip(names, values, strict=True):
-            if name.translate(None, _NAME_BYTES_FINE):
+            if name.translate(None, FIELD_NAME_BYTES_FINE):
                 raise RuntimeError("Invalid HTTP header name.")
-            if value.translate(None, _VALUE_BYTES_FINE):
+            if value.translate(None, FIELD_VALUE_BYTES_FINE):
                 raise RuntimeError("Invalid HTTP header value.")
             if name == b"content-length" and self.chunked_encoding is None:
                 self.expected_content_length = int(value.decode())

@@ -20,9 +20,14 @@ import uvicorn
 from hypothesis import given
 from hypothesis import strategies as st
 from starlette.types import Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    RequestResponseCycle,
+)
 from uvicorn.server import ServerState
 
+from llmproxy.headers import FIELD_NAME_BYTES_FINE, FIELD_VALUE_BYTES_FINE
 from llmproxy.protocol import ProxyHttpProtocol, _ProxyCycle
 from tests.unit.test_server_protocol import RecordingTransport
 
@@ -196,3 +201,10 @@ def test_a_forwarded_answer_is_written_as_uvicorn_writes_it() -> None:
         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n"
         b"x-llmproxy-request-id: abc\r\n\r\nok"
     )
+
+
+@pytest.mark.parametrize("byte", range(256))
+def test_the_byte_tables_refuse_what_uvicorns_expressions_refuse(byte: int) -> None:
+    one = bytes([byte])
+    assert bool(one.translate(None, FIELD_NAME_BYTES_FINE)) == bool(HEADER_RE.search(one))
+    assert bool(one.translate(None, FIELD_VALUE_BYTES_FINE)) == bool(HEADER_VALUE_RE.search(one))
