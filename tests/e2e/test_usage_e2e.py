@@ -456,6 +456,26 @@ def test_each_answer_kind_s_usage_reaches_the_line_and_the_metrics_unchanged(
     assert requests == 1
 
 
+def test_the_model_counted_is_the_one_the_answer_names_not_the_one_asked_for(
+    usage_proxy: ProxyServer,
+    team: Client,
+    fake: FakeUpstreamClient,
+    access: pytest.LogCaptureFixture,
+) -> None:
+    # OpenAI answers `gpt-4o-mini` with the snapshot that served it: that is what is billed.
+    asked, served = "usage-e2e-alias", "usage-e2e-alias-2026-12-02"
+    script = {**PINNED, "id": "chatcmpl-m1", "model": served}
+    before = metric_samples(usage_proxy)
+    chat(team.sdk, asked, headers_for(script, "usage-served-model"))
+    expected = reference_of_body(direct(fake, team.last, script))
+    assert expected is not None
+    assert expected[0] == served
+    assert fields_of(access_line(access, "usage-served-model"))["model"] == served
+    after = metric_samples(usage_proxy)
+    assert token_deltas(before, after, TEAM, served)["input"] == expected[1]
+    assert token_deltas(before, after, TEAM, asked)["input"] == 0
+
+
 def test_a_key_without_a_table_is_named_by_its_digest(
     usage_proxy: ProxyServer,
     unnamed: Client,
