@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmproxy.access import AccessKey
+from llmproxy.descriptors import should_warn
 from llmproxy.errors import ProxyError
 from llmproxy.limits import (
     DAY,
@@ -272,7 +273,7 @@ class RedisLimiter:
         self._timeout = timeout
         self._fail_closed = fail_closed
         self._check_commands: dict[str, tuple[bytes, bytes]] = {}
-        self._warned_at = -_WARNING_INTERVAL
+        self._warned_at: float | None = None  # when the last warning was logged
         self._releases: set[asyncio.Task[None]] = set()
 
     async def check(self, key: AccessKey, request_id: str) -> LimitRefusal | ProxyError | None:
@@ -356,7 +357,7 @@ class RedisLimiter:
 
         metrics.LIMITER_ERRORS.inc()
         now = time.monotonic()
-        if now - self._warned_at >= _WARNING_INTERVAL:
+        if should_warn(self._warned_at, now, _WARNING_INTERVAL):
             self._warned_at = now
             action = "refusing requests (503)" if self._fail_closed else "letting requests pass"
             logger.warning(
