@@ -29,6 +29,7 @@ from llmproxy.egress import (
 )
 from llmproxy.headers import CLIENT_SET_REQUEST_HEADERS, HOP_BY_HOP_HEADERS
 from llmproxy.keys_config import check_distinct, parse_key_tables, parse_keys_file, unnamed_keys
+from llmproxy.redis_client import RedisAddress
 from llmproxy.retry import (
     RetryPolicy,
     parse_max_attempts,
@@ -365,6 +366,7 @@ def parse_redis_url(raw: object) -> str | None:
         _ = parts.port
     except ValueError:
         raise ValueError("has a port that is not a number from 0 to 65535") from None
+    RedisAddress.from_url(value)  # its database number (the message never holds the URL)
     return value
 
 

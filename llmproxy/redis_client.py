@@ -40,13 +40,15 @@ class RedisAddress:
 
     @classmethod
     def from_url(cls, url: str) -> RedisAddress:
+        """The address a URL names; ValueError for a database that is not a whole number."""
         parts = urlsplit(url)
         username = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password is not None else None
+        # The database: `/N` of a TCP URL, else `?db=N` (a unix socket's path is the socket),
+        # as redis-py reads them.
+        queried = parse_qs(parts.query).get("db", [""])[-1]
         if parts.scheme == "unix":
-            db = int(parse_qs(parts.query).get("db", ["0"])[0])
-            return cls(None, 0, parts.path, False, username, password, db)
-        db_text = parts.path.strip("/")
+            return cls(None, 0, parts.path, False, username, password, _database(queried))
         return cls(
             parts.hostname or "localhost",
             parts.port or 6379,
@@ -54,8 +56,16 @@ class RedisAddress:
             parts.scheme == "rediss",
             username,
             password,
-            int(db_text) if db_text else 0,
+            _database(parts.path[1:] or queried),
         )
+
+
+def _database(text: str) -> int:
+    if not text:
+        return 0
+    if not (text.isascii() and text.isdigit()):  # not -1, 1.5, 0/1 (SELECT would refuse them)
+        raise ValueError("has a database number that is not a whole number >= 0")
+    return int(text)
 
 
 def encode_command(*args: bytes | str | int | float) -> bytes:

@@ -432,7 +432,13 @@ class RealtimeUsageTap:
                 self._reasoning += usage.reasoning_tokens
 
     def usage(self) -> Usage | None:
-        """The session's tokens; None if a response reported none (or none was made)."""
-        if not self.reported or self.reported < self.responses:
+        """The tokens the session's responses reported, summed; None if none reported any.
+
+        A response cut short (the client or the upstream ended the session mid-response)
+        reports nothing, but what the finished ones reported was spent all the same: it is
+        counted and charged. Were it dropped, a client could spend without limit by never
+        letting a session's last response finish.
+        """
+        if not self.reported:
             return None
         return Usage(self.model, self._input, self._output, self._cached, self._reasoning)

@@ -422,6 +422,10 @@ class WebSocketRelay:
                 usage = tap.usage()
                 if usage is not None or tap.responses:
                     record_usage(record, usage)
+                    if usage is None and record.ending == CLIENT_CLOSED:
+                        # Closed by the client mid-response: the answer was cut by the
+                        # client, not whole and unreported (`not_reported`).
+                        record.usage_unknown_reason = CLIENT_DISCONNECT
             if limited is not None:
                 forwarder.release_limits(limited, slot, record.tokens)
 
