@@ -60,7 +60,12 @@ from llmproxy.upstream_client import (
     UpstreamResponse,
 )
 from llmproxy.usage import UsageTap, record_usage, tap_for, usage_due
-from llmproxy.usage_injection import INJECTED_PATHS, UsageChunkRemover, request_with_usage
+from llmproxy.usage_injection import (
+    INJECTED_PATHS,
+    CodingError,
+    remover_for,
+    request_with_usage,
+)
 
 logger = logging.getLogger("llmproxy")
 
@@ -443,6 +448,21 @@ class Forwarder:
         if has_control_bytes(upstream.raw_headers):
             await self._refuse(send, errors.UPSTREAM_BAD_RESPONSE, exchange)
             return
+        content_type = upstream.header(b"content-type") or b""
+        is_sse = content_type.startswith(b"text/event-stream")
+        encoding = upstream.header(b"content-encoding")
+        remover = remover_for(encoding) if exchange.usage_injected and is_sse else None
+        if remover is not None:
+            # What the remover takes out changes the length, and a coded stream goes out
+            # decoded (`InflatingUsageChunkRemover`): neither header would be true any more.
+            changed = {b"content-length", b"content-encoding"} if encoding else {b"content-length"}
+            response_headers = [h for h in response_headers if h[0].lower() not in changed]
+        # Bytes of the proxy's own (keep-alive comments, the error event) can go only into a
+        # plain SSE body of no announced length, or one the remover decodes and re-frames.
+        plain = encoding is None or encoding.strip().lower() == b"identity"
+        can_end_with_event = is_sse and (
+            remover is not None or (plain and upstream.header(b"content-length") is None)
+        )
         await send(
             {
                 "type": "http.response.start",
@@ -452,23 +472,14 @@ class Forwarder:
             }
         )
         record.status = upstream.status
-        content_type = upstream.header(b"content-type") or b""
-        is_sse = content_type.startswith(b"text/event-stream")
-        tap = exchange.tap = tap_for(
-            exchange.usage_due,
-            upstream.status,
-            content_type,
-            upstream.header(b"content-encoding"),
-        )
-        # An error event can end only an SSE body whose length was not announced, and only
-        # such a body can take keep-alive comments (they would overrun a Content-Length).
-        can_end_with_event = is_sse and upstream.header(b"content-length") is None
+        tap = exchange.tap = tap_for(exchange.usage_due, upstream.status, content_type, encoding)
+        # Keep-alive comments go between the upstream's chunks, so only into a plain stream
+        # (a coded one is decoded by the remover after they would have been put in).
         chunks: UpstreamResponse | _WithKeepalive = (
             _WithKeepalive(upstream, self._keepalive)
-            if can_end_with_event and self._keepalive is not None
+            if can_end_with_event and plain and self._keepalive is not None
             else upstream
         )
-        remover = UsageChunkRemover() if exchange.usage_injected and is_sse else None
         metrics.ACTIVE_STREAMS.inc()
         try:
             async for chunk in chunks:
@@ -494,7 +505,7 @@ class Forwarder:
                 with contextlib.suppress(Exception):
                     await send(_INTERRUPTED_MESSAGE)
             raise
-        except UpstreamError:
+        except (UpstreamError, CodingError):
             upstream.close()
             record.ending = UPSTREAM_ERROR
             if can_end_with_event:

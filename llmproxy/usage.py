@@ -307,7 +307,7 @@ class InflatingTap:
             self._head += chunk
             if len(self._head) < 2:
                 return
-            inflater = self._inflater = zlib.decompressobj(_window_bits(self._head))
+            inflater = self._inflater = zlib.decompressobj(window_bits(self._head))
             chunk, self._head = self._head, b""
         try:
             data = inflater.decompress(chunk)
@@ -324,7 +324,7 @@ class InflatingTap:
         return self._tap.usage() if self._readable else None
 
 
-def _window_bits(head: bytes) -> int:
+def window_bits(head: bytes) -> int:
     """zlib's `wbits` for a stream that starts with `head`: gzip (RFC 1952), zlib (RFC 1950,
     what "deflate" means), or raw deflate (what some servers send as "deflate")."""
     if head[:2] == b"\x1f\x8b":
@@ -348,7 +348,7 @@ class UnreadableTap:
 
 
 UsageTap = JsonUsageTap | SseUsageTap | InflatingTap | UnreadableTap
-_INFLATED_ENCODINGS = frozenset({b"gzip", b"x-gzip", b"deflate"})
+INFLATED_ENCODINGS = frozenset({b"gzip", b"x-gzip", b"deflate"})
 # An answer that inflates beyond this is not followed further (the tap keeps only a tail, but
 # inflating costs CPU): its usage is then unknown.
 _MAX_INFLATED = 256 * 1024 * 1024
@@ -375,7 +375,7 @@ def tap_for(
         return None
     if content_encoding is None or content_encoding.strip().lower() == b"identity":
         return tap
-    if content_encoding.strip().lower() in _INFLATED_ENCODINGS:
+    if content_encoding.strip().lower() in INFLATED_ENCODINGS:
         return InflatingTap(tap)
     return UnreadableTap()  # br, zstd, several codings: not read (the usage is unknown)
 
