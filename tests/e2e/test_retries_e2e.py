@@ -163,6 +163,44 @@ async def test_an_sse_body_with_content_length_gets_no_keepalive_comment(
     assert response.content == body
 
 
+async def test_a_coded_sse_body_gets_no_keepalive_comment(self_hosted: Target) -> None:
+    # A plain-text comment put between the chunks of a compressed stream makes it undecodable.
+    # The comment goes where the last chunk ended a line pair, which coded bytes may do by
+    # chance: these do (found with usage injection, issue 13).
+    parts = [b"\x1b\x07\x00\xf8\n\n", b"\x8a\x01\x03"]  # opaque to the proxy: "br"
+
+    def chunk(data: bytes) -> bytes:
+        return b"%x\r\n%b\r\n" % (len(data), data)
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await read_request_head(reader)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Content-Encoding: br\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(parts[0])
+            )
+            await writer.drain()
+            await asyncio.sleep(0.6)  # a silence of four keep-alive intervals is the scenario
+            writer.write(chunk(parts[1]) + b"0\r\n\r\n")
+            await writer.drain()
+            await reader.read()  # until the proxy closes or reuses it
+        finally:
+            writer.close()
+
+    async with raw_tcp_upstream(upstream) as upstream_url:
+        with start_proxy(f"{upstream_url}/v1", sse_keepalive=0.15) as proxy:
+            async with (
+                httpx.AsyncClient(timeout=30) as client,
+                client.stream(
+                    "POST", f"{proxy.url}/v1/chat/completions", json=CHAT | {"stream": True}
+                ) as response,
+            ):
+                raw = b"".join([part async for part in response.aiter_raw()])
+    assert response.status_code == 200
+    assert response.headers["content-encoding"] == "br"
+    assert raw == b"".join(parts)  # the upstream's bytes, nothing put in
+
+
 def test_keepalive_is_off_by_default(self_hosted: Target, fake: FakeUpstreamClient) -> None:
     fake.queue({"stream": True, "chunks": ["a", "b"], "delay_per_chunk": 0.4})
     with start_proxy(fake.base_url) as proxy:
