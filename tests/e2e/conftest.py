@@ -11,14 +11,17 @@ import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import openai
 import pytest
+import redis
 
 from llmproxy.config import Configuration
 from llmproxy.testing import ProxyServer
 from tests.e2e.fake_client import FakeUpstreamClient
 from tests.e2e.secrets_guard import SecretsGuard
+from tests.redis_server import RedisServer
 
 UPSTREAM_SECRET = "sk-e2e-upstream-SECRET-value"
 E2E_DEFAULT_HEADERS = {
@@ -124,3 +127,18 @@ async def async_sdk(target: Target, fake: FakeUpstreamClient) -> AsyncIterator[o
         base_url=target.proxy_base_url, api_key=CLIENT_KEY, max_retries=0
     ) as client:
         yield client
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real Redis for the shared-limit tests (tests/redis_server.py), empty for each test."""
+    with RedisServer(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A redis-py client of `redis_server`, to look at the limiter's state."""
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=5.0)
+    yield client
+    client.close()

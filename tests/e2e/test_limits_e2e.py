@@ -82,19 +82,6 @@ def proxy_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFi
         assert_no_key_in(record.getMessage(), f"log record {record.name}")
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path) as server:
-        yield server
-
-
-@pytest.fixture
-def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url, socket_timeout=DEADLINE)
-    yield client
-    client.close()
-
-
 def shared_through(server: RedisServer, **settings: Any) -> dict[str, Any]:
     """Settings of a proxy whose limits live in `server`. Where Redis failing is not under test:
     a timeout that a loaded machine cannot reach, and failing closed, so that a slow Redis shows

@@ -20,7 +20,6 @@ import json
 import re
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -55,19 +54,6 @@ pytestmark = pytest.mark.e2e
 
 DAY = 86400
 OVER = {"x-fake-script": json.dumps({"reasoning_tokens": 100})}  # one answer spends > 50
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path) as server:
-        yield server
-
-
-@pytest.fixture
-def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url, socket_timeout=DEADLINE)
-    yield client
-    client.close()
 
 
 def duration_seconds(text: str) -> float:

@@ -322,6 +322,18 @@ async def test_a_session_without_a_response_reports_no_usage_at_all(
 # --- usage unknown: a response created and never done ------------------------------------------
 
 
+async def begin_response(ws: Any) -> None:
+    """Ask for a response and see it begin (`response.created`)."""
+    await ws.send(json.dumps({"type": "response.create"}))
+    assert (await recv_event(ws))["type"] == "response.created"
+
+
+async def response_under_way(ws: Any) -> None:
+    """A session opened (`session.created`) and a response begun in it."""
+    assert (await recv_event(ws))["type"] == "session.created"
+    await begin_response(ws)
+
+
 async def test_an_upstream_reset_after_response_created_is_unknown_upstream_error(
     realtime_proxy: ProxyServer, fake: FakeUpstreamClient, access: pytest.LogCaptureFixture
 ) -> None:
@@ -332,9 +344,7 @@ async def test_an_upstream_reset_after_response_created_is_unknown_upstream_erro
     # Two server events (session.created, response.created), then a TCP reset.
     headers = team_headers(request_id, ending="reset", after_chunks=2)
     async with connect(url, additional_headers=headers) as ws:
-        assert (await recv_event(ws))["type"] == "session.created"
-        await ws.send(json.dumps({"type": "response.create"}))
-        assert (await recv_event(ws))["type"] == "response.created"
+        await response_under_way(ws)
         assert (await closed_by_peer(ws)).code == 1014
     line = await asyncio.to_thread(
         assert_unknown, realtime_proxy, access, request_id, "upstream_error", before, model
@@ -351,9 +361,7 @@ async def test_a_client_lost_mid_response_is_unknown_client_disconnect(
     url = ws_url(realtime_proxy.url, query=f"model={model}")
     headers = team_headers(request_id, chunks=["tick"] * 50, delay_per_chunk=0.2)
     async with connect(url, additional_headers=headers) as ws:
-        assert (await recv_event(ws))["type"] == "session.created"
-        await ws.send(json.dumps({"type": "response.create"}))
-        assert (await recv_event(ws))["type"] == "response.created"
+        await response_under_way(ws)
         ws.transport.abort()  # TCP gone, no close frame, the response still going
     line = await asyncio.to_thread(
         assert_unknown, realtime_proxy, access, request_id, "client_disconnect", before, model
@@ -374,9 +382,7 @@ async def test_a_client_that_closes_mid_response_is_unknown_client_disconnect(
     url = ws_url(realtime_proxy.url, query=f"model={model}")
     headers = team_headers(request_id, chunks=["tick"] * 50, delay_per_chunk=0.2)
     async with connect(url, additional_headers=headers) as ws:
-        assert (await recv_event(ws))["type"] == "session.created"
-        await ws.send(json.dumps({"type": "response.create"}))
-        assert (await recv_event(ws))["type"] == "response.created"
+        await response_under_way(ws)
         await ws.close(1000)
     (entry,) = await asyncio.to_thread(
         fake.wait_for_journal, lambda journal: len(journal) == 1 and journal[0]["disconnected"]
@@ -416,8 +422,7 @@ async def test_tokens_a_session_s_finished_responses_reported_are_charged_to_its
                 usage = (await round_trip(ws))[-1]["response"]["usage"]
                 assert usage["input_tokens"] + usage["output_tokens"] > 50
                 if last_response == "cut":
-                    await ws.send(json.dumps({"type": "response.create"}))
-                    assert (await recv_event(ws))["type"] == "response.created"
+                    await begin_response(ws)
                 await ws.close(1000)
             await line_of(access, request_id)  # the session is over, its limits released
             refused = await asyncio.to_thread(
