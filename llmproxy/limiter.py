@@ -91,7 +91,13 @@ def refusal(
     headers: list[tuple[bytes, bytes]] = [
         (b"retry-after", retry_after_header(retry_after).encode())
     ]
-    requests, tokens = windows.requests, windows.tokens_minute or windows.tokens_day
+    # The `-tokens` headers describe one window: the day's when it is the day that refused
+    # (the minute's could show tokens remaining on a tokens 429), else the minute's.
+    if limit == "tokens_per_day" and windows.tokens_day is not None:
+        tokens = windows.tokens_day
+    else:
+        tokens = windows.tokens_minute or windows.tokens_day
+    requests = windows.requests
     if requests is not None:
         headers += _window_headers(b"requests", requests)
     if tokens is not None:

@@ -507,3 +507,19 @@ def test_the_429_of_a_key_limited_per_day_only_carries_the_days_tokens_headers()
     assert headers["x-ratelimit-remaining-tokens"] == "0"
     assert not any(name.endswith("-requests") for name in headers)
     assert math.isclose(parse_duration(headers["x-ratelimit-reset-tokens"])[0], DAY + 30)
+
+
+def test_a_day_refusal_of_a_key_with_minute_and_day_limits_carries_the_days_headers() -> None:
+    # Under the minute's limit and over the day's: the -tokens headers must tell the day's
+    # numbers (the minute's said tokens remained on a tokens 429).
+    clock = Clock()
+    limiter = MemoryLimiter(clock)
+    key = limited_key("team-a", tokens_per_minute=10_000, tokens_per_day=1000)
+    assert limiter.check(key, "big") is None
+    limiter.release(key, "big", 1500)
+    clock.advance(120)  # the minute's window is whole again; the day's is not
+    refusal = refused(limiter, key)
+    assert refusal.limit == "tokens_per_day"
+    headers = headers_of(refusal)
+    assert headers["x-ratelimit-limit-tokens"] == "1000"
+    assert headers["x-ratelimit-remaining-tokens"] == "0"
