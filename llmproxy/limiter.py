@@ -93,10 +93,11 @@ def refusal(
     ]
     # The `-tokens` headers describe one window: the day's when it is the day that refused
     # (the minute's could show tokens remaining on a tokens 429), else the minute's.
-    if limit == "tokens_per_day" and windows.tokens_day is not None:
-        tokens = windows.tokens_day
-    else:
-        tokens = windows.tokens_minute or windows.tokens_day
+    tokens = (
+        windows.tokens_day
+        if limit == "tokens_per_day" and windows.tokens_day is not None
+        else windows.tokens_minute or windows.tokens_day
+    )
     requests = windows.requests
     if requests is not None:
         headers += _window_headers(b"requests", requests)
