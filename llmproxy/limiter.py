@@ -260,10 +260,11 @@ return answer('ok')
 _RELEASE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function exact(x) return string.format('%.17g', x) end  -- as in the check script
 local tpm, tpd, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local function pay(key, limit, window)
   local tat = math.max(tonumber(redis.call('GET', key) or '0'), now) + cost * window / limit
-  redis.call('SET', key, string.format('%.17g', tat), 'PX', math.ceil((tat - now) * 1000) + 1000)
+  redis.call('SET', key, exact(tat), 'PX', math.ceil((tat - now) * 1000) + 1000)
 end
 if cost > 0 and tpm > 0 then pay(KEYS[1], tpm, 60) end
 if cost > 0 and tpd > 0 then pay(KEYS[2], tpd, 86400) end

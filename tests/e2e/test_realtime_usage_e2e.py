@@ -41,9 +41,9 @@ from tests.e2e.test_usage_e2e import (
     assert_unknown,
     fields_of,
     metric_samples,
+    proxy_with_both_keys,
     sample,
     token_deltas,
-    usage_named_keys,
 )
 from tests.e2e.test_websocket_relay import closed_by_peer, recv_event, round_trip, ws_url
 from tests.support import ThrowawayUpstream
@@ -60,21 +60,8 @@ Usage = dict[str, Any]
 @pytest.fixture(scope="module")
 def realtime_proxy(target: Target) -> Iterator[ProxyServer]:
     """A proxy in front of the fake with the named key (a `[keys.<name>]` table, by digest)
-    and one key given without a table (LLMPROXY_ACCESS_KEYS)."""
-    if not target.self_hosted:
-        pytest.skip("needs a proxy started by the suite")
-    GUARD.secrets.extend(key.encode() for key in (PROXY_KEY, UNNAMED_KEY))
-    try:
-        with start_proxy(
-            target.fake.base_url,
-            named_keys_from_file=usage_named_keys(),
-            access_keys=(UNNAMED_KEY,),
-            read_timeout=10.0,
-        ) as proxy:
-            yield proxy
-    finally:
-        for key in (PROXY_KEY, UNNAMED_KEY):
-            GUARD.secrets.remove(key.encode())
+    and one key given without a table (LLMPROXY_ACCESS_KEYS), as the HTTP usage tests'."""
+    yield from proxy_with_both_keys(target)
 
 
 @pytest.fixture

@@ -71,6 +71,11 @@ def usage_named_keys() -> tuple[AccessKey, ...]:
 @pytest.fixture(scope="module")
 def usage_proxy(target: Target) -> Iterator[ProxyServer]:
     """A proxy with one named key (a `[keys.<name>]` table, by digest) and one unnamed key."""
+    yield from proxy_with_both_keys(target)
+
+
+def proxy_with_both_keys(target: Target) -> Iterator[ProxyServer]:
+    """The body of `usage_proxy` (the Realtime usage tests' fixture runs it too)."""
     if not target.self_hosted:
         pytest.skip("needs a proxy started by the suite")
     named = usage_named_keys()
